@@ -1,0 +1,183 @@
+"""Base classes of vtc operators: what every operator is, and how budgets reach it.
+
+An operator is a ``torch.nn.Module`` with a typed ``Config`` dataclass, a default ``stage``
+(``"vision"``: on the tower's patch tokens before the projector; ``"llm"``: on the projector's
+outputs), the signals it ``requires``, and ``forward(VisualTokens) -> VisualTokens``. Operators
+only decide which tokens survive (or how they merge); they never see input ids or masks.
+
+:class:`Selector` is the base of every operator that reduces each image to ``k`` tokens (by
+keeping or merging). It turns ``keep=``/``ratio=`` into a per-image ``k``, and when an allocator
+has set per-partition ``budget``\\ s it runs once per (image, partition) row with that row's
+budget. :class:`Allocator` is the base of operators that decide per-partition budgets (HiRED,
+GlobalCom2); in a pipeline, an allocator followed by a selector only allocates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vtc.errors import BudgetError, ConfigError
+from vtc.tokens import VisualTokens
+
+Stage = Literal["vision", "llm"]
+STAGES: tuple[str, ...] = ("vision", "llm")
+
+
+@dataclass
+class OpConfig:
+    """Arguments every operator takes. ``stage`` overrides the operator's default stage."""
+
+    stage: Stage | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage is not None and self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+
+
+@dataclass
+class SelectConfig(OpConfig):
+    """Budget arguments: ``keep`` tokens per image, or a ``ratio`` of the tokens present.
+
+    ``k = round(ratio * n)`` (at least 1) for an image holding ``n`` tokens; ``keep >= n`` keeps
+    everything. With neither set, the budget must come from an allocator earlier in the pipeline.
+    """
+
+    keep: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep is not None and self.ratio is not None:
+            raise BudgetError(f"give keep= or ratio=, not both (got keep={self.keep}, ratio={self.ratio})")
+        if self.keep is not None and self.keep <= 0:
+            raise BudgetError(f"keep must be a positive number of tokens, got keep={self.keep}")
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+            raise BudgetError(f"ratio must be in (0, 1], got ratio={self.ratio}; use keep= for a token count")
+
+
+def config_dict(config: Any, *, full: bool = True) -> dict[str, Any]:
+    """A config dataclass as a plain dict (only non-default values unless ``full``)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, tuple):
+            v = list(v)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if isinstance(default, tuple):
+            default = list(default)
+        if full or v != default:
+            out[f.name] = v
+    return out
+
+
+class Operator(nn.Module):
+    """Base of every registered operator (see the module docstring)."""
+
+    name: ClassVar[str] = "operator"
+    Config: ClassVar[type] = OpConfig
+    default_stage: ClassVar[str] = "llm"
+    #: true for operators that reduce tokens to a budget and so can fill an allocator's budgets
+    selects: ClassVar[bool] = False
+    #: true for operators that write per-partition budgets
+    allocates: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
+        super().__init__()
+        from vtc.registry import make_config
+
+        if config is None:
+            config = make_config(type(self), kwargs)
+        elif kwargs:
+            raise ConfigError(f"{self.name}: pass a Config or keyword arguments, not both")
+        elif not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @property
+    def stage(self) -> str:
+        return self.config.stage or self.default_stage
+
+    @property
+    def requires(self) -> dict[str, list[int]]:
+        """Signals this operator reads: ``{"cls_attn": [22]}``. Taps record only these."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        """``{"op": name, **arguments}`` with every argument (round-trips through vtc.build)."""
+        return {"op": self.name, **config_dict(self.config)}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in config_dict(self.config, full=False).items())
+
+    def check_signals(self, tokens: VisualTokens) -> None:
+        """Raise a SignalError naming the first required signal that is missing."""
+        for sig, layers in self.requires.items():
+            for layer in layers:
+                tokens.signal(sig, layer, op=f"operator {self.name!r}")
+
+    def forward(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Selector(Operator):
+    """An operator that reduces each image, or each partition under a budget, to ``k`` tokens.
+
+    Subclasses implement :meth:`select`; this class resolves ``k``, validates inputs, skips
+    images that already fit, and runs per-partition rows when a budget is present.
+    """
+
+    Config: ClassVar[type] = SelectConfig
+    selects: ClassVar[bool] = True
+
+    def forward(self, tokens: VisualTokens) -> VisualTokens:
+        tokens.check_finite(f"operator {self.name!r}")
+        self.check_signals(tokens)
+        if tokens.budget is not None:
+            rows, G = tokens.split_groups()
+            k = torch.minimum(rows.budget[:, 0], rows.counts)
+            out = self._run(rows.replace(budget=None), k)
+            return tokens.join_groups(out.replace(budget=None), G)
+        return self._run(tokens, self.resolve_keep(tokens.counts))
+
+    def _run(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+        if bool((k >= tokens.counts).all()):
+            return tokens
+        return self.select(tokens, k)
+
+    def resolve_keep(self, counts: Tensor) -> Tensor:
+        """Per-image budget ``k`` ``[B]`` from ``keep``/``ratio`` (clamped to the tokens present)."""
+        cfg = self.config
+        if cfg.keep is not None:
+            k = torch.full_like(counts, cfg.keep)
+        elif cfg.ratio is not None:
+            k = torch.round(counts.to(torch.float64) * cfg.ratio).long().clamp_min(1)
+        else:
+            raise BudgetError(
+                f"operator {self.name!r} has no budget: give keep= or ratio=, or put an allocator "
+                f"(hired, globalcom2) before it in the pipeline"
+            )
+        return torch.minimum(k, counts)
+
+    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:  # pragma: no cover - abstract
+        """Reduce row ``b`` of ``tokens`` to ``k[b]`` tokens (``0 <= k[b] <= counts[b]``)."""
+        raise NotImplementedError
+
+
+class Allocator(Operator):
+    """An operator that writes per-partition budgets (``VisualTokens.budget``) and selects.
+
+    :meth:`allocate` sets the budget; ``forward`` allocates and then selects with the method's
+    own scoring. In a pipeline, an allocator followed by a selector only allocates and the
+    selector fills the budgets.
+    """
+
+    allocates: ClassVar[bool] = True
+
+    def allocate(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,64 @@
+"""M3 (Matryoshka Multimodal Models) nested average pooling of the visual token grid.
+
+Paper: "Matryoshka Multimodal Models" (Cai et al., ICLR 2025). Described in methods.md §5b.
+
+``m3:keep=s`` average-pools every partition's ``h x h`` grid (24x24 for LLaVA) to ``sqrt(s) x
+sqrt(s)`` with kernel = stride = ``h / sqrt(s)``, after the projector (stage ``llm``). For 24x24 the
+scales are s ∈ {576, 144, 36, 9, 1} (kernels 1, 2, 4, 8, 24), exactly nested: each coarse token is
+the mean of its children at the next finer scale. Any square ``s`` whose side divides the grid
+side is accepted. With AnyRes partitions (``group``), each partition is pooled on its own, as
+LLaVA-NeXT-M3 does before its assembly. Without a layout a square grid is assumed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vtc.errors import ConfigError, LayoutError
+from vtc.ops.base import OpConfig, Operator
+from vtc.ops.pooling import pool_to_grid
+from vtc.registry import register
+from vtc.tokens import VisualTokens
+
+
+@dataclass
+class M3Config(OpConfig):
+    """``keep``: tokens per partition, a square whose side divides the grid side (576/144/36/9/1)."""
+
+    keep: int = 576
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        side = math.isqrt(self.keep) if self.keep > 0 else 0
+        if self.keep <= 0 or side * side != self.keep:
+            raise ConfigError(f"m3 keep= must be a positive square (576, 144, 36, 9, 1 for 24x24), got {self.keep}")
+
+
+@register("m3")
+class M3(Operator):
+    Config = M3Config
+    default_stage = "llm"
+
+    def forward(self, tokens: VisualTokens) -> VisualTokens:
+        tokens.check_finite("operator 'm3'")
+        side = math.isqrt(self.config.keep)
+        _, _, h, w = tokens.grid_position()
+        hv, wv = h[tokens.valid], w[tokens.valid]
+        if hv.numel() == 0:
+            return tokens
+        if bool((hv != wv).any()):
+            raise LayoutError("m3 pools square grids; these tokens' partitions are not square")
+        bad = (hv % side != 0) | (hv < side)
+        if bool(bad.any()):
+            raise ConfigError(
+                f"m3 keep={self.config.keep} needs a grid side divisible by {side}, but a partition is "
+                f"{int(hv[bad][0])}x{int(hv[bad][0])}; valid keep values: "
+                f"{[d * d for d in range(int(hv[bad][0]), 0, -1) if int(hv[bad][0]) % d == 0]}"
+            )
+        if self.config.keep == int(hv.max()) ** 2 and bool((hv == hv.max()).all()):
+            return tokens
+        g = torch.full((tokens.batch_size,), side, dtype=torch.long, device=tokens.device)
+        return pool_to_grid(tokens, g, g)

@@ -1,0 +1,66 @@
+"""Pool baseline: average-pool each partition's token grid to a smaller grid.
+
+``pool:keep=64`` pools a 24x24 grid to 8x8. For a budget ``k`` on an ``h x w`` grid the target is
+``gh = floor(sqrt(k*h/w))`` rows (at least 1, at most h) and ``gw = min(w, k // gh)`` columns, so at
+most ``k`` tokens come out (``keep=128`` on 24x24 gives 11x11 = 121); ``grid=[gh, gw]`` (or
+``grid=6``) asks for a target grid directly. Windows do not overlap (see ``vtc.ops.pooling``).
+Applied to a vanilla model this is the training-free form of Matryoshka (M3) pooling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtc.errors import ConfigError
+from vtc.ops.base import SelectConfig, Selector
+from vtc.ops.pooling import pool_to_grid
+from vtc.registry import register
+from vtc.tokens import VisualTokens
+
+
+@dataclass
+class PoolConfig(SelectConfig):
+    """``grid``: target grid ``[gh, gw]`` or a side (instead of keep/ratio)."""
+
+    grid: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:
+            if self.keep is not None or self.ratio is not None:
+                raise ConfigError("pool takes grid= or keep=/ratio=, not both")
+            if len(self.grid) == 1:
+                self.grid = [self.grid[0], self.grid[0]]
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ConfigError(f"pool grid= must be one or two positive ints, got {self.grid}")
+        super().__post_init__()
+
+
+@register("pool")
+class Pool(Selector):
+    Config = PoolConfig
+    default_stage = "llm"
+
+    def resolve_keep(self, counts: Tensor) -> Tensor:
+        if self.config.grid is not None:
+            gh, gw = self.config.grid
+            return torch.minimum(torch.full_like(counts, gh * gw), counts)
+        return super().resolve_keep(counts)
+
+    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+        _, _, h, w = tokens.grid_position()
+        h, w = h[:, 0], w[:, 0]
+        if self.config.grid is not None:
+            gh = torch.full_like(k, self.config.grid[0]).clamp_max(h)
+            gw = torch.full_like(k, self.config.grid[1]).clamp_max(w)
+        else:
+            kk = k.clamp_min(1)
+            gh = torch.floor(torch.sqrt(kk.double() * h / w)).long().clamp(1, None)
+            gh = torch.minimum(gh, h)
+            gw = torch.minimum(kk // gh, w).clamp_min(1)
+        out = pool_to_grid(tokens, gh, gw)
+        if bool((k == 0).any()):  # a partition whose budget is 0 keeps nothing
+            out = out.keep_mask((k > 0).unsqueeze(1).expand(out.x.shape[:2]))
+        return out

@@ -1,0 +1,57 @@
+"""Selection primitives shared by the operators: ranked top-k with variable k per image.
+
+Ties are broken by position (the earlier token wins), matching ``torch.argmax`` in the official
+code, so selections are exact and reproducible. Everything is batched: one sort per call.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vtc.tokens import VisualTokens
+
+
+def descending_order(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Positions ``[B, N]`` sorted by descending score; ties keep position order; invalid last."""
+    s = scores
+    if valid is not None:
+        s = s.masked_fill(~valid, float("-inf"))
+    s = torch.nan_to_num(s, nan=float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    if valid is not None:
+        # -inf scores of real tokens must still rank above padding: sort padding to the end
+        pad_last = torch.sort((~valid).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+        order = order.gather(1, pad_last)
+    return order
+
+
+def first_k(order: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """The first ``k[b]`` entries of each row of ``order``: ``(idx [B, K], valid [B, K])``."""
+    K = int(k.max().item()) if k.numel() else 0
+    idx = order[:, :K]
+    valid = torch.arange(K, device=order.device).unsqueeze(0) < k.unsqueeze(1)
+    return idx, valid
+
+
+def mask_from_order(order: Tensor, k: Tensor, n: int | None = None) -> Tensor:
+    """``[B, n]`` bool: true at the first ``k[b]`` positions listed in ``order`` (n defaults to its width)."""
+    idx, valid = first_k(order, k)
+    m = torch.zeros(order.shape[0], order.shape[1] if n is None else n, dtype=torch.bool, device=order.device)
+    m.scatter_(1, idx, valid)
+    return m
+
+
+def keep_top(tokens: VisualTokens, scores: Tensor, k: Tensor,
+             order: Literal["original", "score"] = "original") -> VisualTokens:
+    """Keep the ``k[b]`` highest-scoring tokens of each image.
+
+    ``order="original"`` keeps them in their current (raster) order; ``"score"`` emits them by
+    descending score.
+    """
+    ranked = descending_order(scores, tokens.mask)
+    if order == "score":
+        return tokens.gather(*first_k(ranked, k))
+    return tokens.keep_mask(mask_from_order(ranked, k))

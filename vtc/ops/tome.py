@@ -1,0 +1,188 @@
+"""ToMe: bipartite soft matching, size-weighted token merging, iterated to a budget.
+
+Paper: "Token Merging: Your ViT But Faster" (Bolya et al., ICLR 2023). Described in methods.md §6.
+
+One step on ``n`` tokens: split them alternately into A (even positions) and B (odd positions);
+score each A token's best B partner by cosine similarity of the matching metric (the recorded
+``keys`` signal when present, else the features); the ``r`` A tokens with the highest best
+similarity merge into their partners. Merging is size-weighted (``x' = Σ size·x / Σ size``,
+``size' = Σ size``), so repeated steps average over original patches. Steps repeat until each
+image (or partition, under a budget) holds ``keep`` tokens; each step merges at most half the
+unprotected tokens (``r ≤ (n - protected) // 2``), or at most ``r=`` when given (``r`` alone,
+without keep/ratio, is a single step merging ``r``).
+
+Output order. ``compat="official"`` (default) is ToMe's: ``[unmerged A tokens by descending
+best-similarity, then all B tokens in their order]`` after each step (unmerged A tokens are put
+back in position order when ``protect_cls`` is set, as ToMe does with a class token).
+``compat="clean"`` or ``restore_order=True`` sorts the final tokens by the smallest original index
+each one contains, and that index becomes the token's ``index`` (in official order a merged token's
+``index`` is its destination's, ToMe's representative). ``protect_cls=True`` keeps the first token (a CLS token) from ever being merged
+away. ``metric``: ``"auto"`` (keys if recorded, else features), ``"keys"`` (required; the tap records
+them at ``layer``) or ``"x"``. Merged ``keys`` follow the size-weighted mean, so later steps match
+on the merged metric (as AIM does for merging outside a ViT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vtc.errors import BudgetError, SignalError
+from vtc.ops.base import SelectConfig, Selector
+from vtc.registry import register
+from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens
+
+_FIRST = "_tome_first_index"  # private signal: smallest original index inside each token
+SIGNAL_MERGE_RULES[_FIRST] = "min"
+
+
+@dataclass
+class ToMeConfig(SelectConfig):
+    """See the module docstring for each argument."""
+
+    r: int | None = None
+    metric: Literal["auto", "keys", "x"] = "auto"
+    layer: int | None = None
+    protect_cls: bool = False
+    compat: Literal["official", "clean"] = "official"
+    restore_order: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r is not None and self.r <= 0:
+            raise BudgetError(f"tome r= is the number of merges per step and must be positive, got {self.r}")
+
+
+def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """One bipartite soft-matching step on left-packed rows.
+
+    Returns ``assign [B, N]`` (output slot per position), ``rep [B, M]`` (representative position
+    per slot) and ``slot_valid [B, M]``, in ToMe's output order ``[unmerged A, B]``.
+    """
+    B, N, _ = metric.shape
+    dev = metric.device
+    n = valid_count
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    a_pos = torch.arange(0, N, 2, device=dev)
+    b_pos = torch.arange(1, N, 2, device=dev)
+    Na, Nb = a_pos.numel(), b_pos.numel()
+    a_valid = a_pos.unsqueeze(0) < n.unsqueeze(1)
+    b_valid = b_pos.unsqueeze(0) < n.unsqueeze(1)
+    neg = torch.finfo(m.dtype).min
+    if Nb == 0:
+        scores = torch.full((B, Na, 1), neg, dtype=m.dtype, device=dev)
+    else:
+        scores = m[:, a_pos] @ m[:, b_pos].transpose(1, 2)
+        scores = scores.masked_fill(~b_valid.unsqueeze(1), float("-inf"))
+    scores = scores.masked_fill(~a_valid.unsqueeze(2), float("-inf"))
+    if protect:
+        scores[:, 0, :] = float("-inf")
+    best, best_dst = scores.max(-1)
+    order = torch.sort(best, dim=1, descending=True, stable=True).indices  # [B, Na] A indices
+    inv = torch.empty_like(order).scatter_(1, order, torch.arange(Na, device=dev).expand(B, Na))
+    nA = a_valid.sum(1)
+    r_ = r.unsqueeze(1)
+    is_src = (inv < r_) & a_valid
+    is_unm = (inv >= r_) & a_valid
+    n_unm = (nA - r).unsqueeze(1)
+    if protect:
+        slot_a = torch.cumsum(is_unm.long(), 1) - 1
+    else:
+        slot_a = inv - r_
+    slot_a = torch.where(is_src, n_unm + best_dst.clamp_max(max(Nb - 1, 0)), slot_a)
+    slot_a = torch.where(a_valid, slot_a, torch.full_like(slot_a, -1))
+    slot_b = torch.where(b_valid, n_unm + torch.arange(Nb, device=dev).unsqueeze(0), torch.full((B, Nb), -1, device=dev, dtype=torch.long))
+    assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    assign[:, a_pos] = slot_a
+    assign[:, b_pos] = slot_b
+    M = int((n - r).max().item())
+    rep = torch.full((B, M + 1), 0, dtype=torch.long, device=dev)
+    owners = assign >= 0
+    owners[:, a_pos] &= is_unm  # merged A tokens are never a slot's representative
+    pos = torch.arange(N, device=dev).expand(B, N)
+    rep.scatter_(1, torch.where(owners, assign, torch.full_like(assign, M)), pos)
+    rep = rep[:, :M]
+    # rows with nothing to merge stay exactly as they are (ToMe's r <= 0 is the identity)
+    idle = (r == 0).unsqueeze(1)
+    valid = pos < n.unsqueeze(1)
+    assign = torch.where(idle, torch.where(valid, pos, torch.full_like(pos, -1)), assign)
+    rep = torch.where(idle, torch.arange(M, device=dev).expand(B, M).clamp_max(N - 1), rep)
+    slot_valid = torch.arange(M, device=dev).unsqueeze(0) < (n - r).unsqueeze(1)
+    return assign, rep, slot_valid
+
+
+@register("tome")
+class ToMe(Selector):
+    Config = ToMeConfig
+    default_stage = "vision"
+
+    @property
+    def requires(self) -> dict[str, list[int]]:
+        if self.config.metric == "keys":
+            return {"keys": [22 if self.config.layer is None else self.config.layer]}
+        return {}
+
+    def resolve_keep(self, counts: Tensor) -> Tensor:
+        cfg = self.config
+        if cfg.keep is None and cfg.ratio is None and cfg.r is not None:
+            return (counts - cfg.r).clamp_min(1)
+        return super().resolve_keep(counts)
+
+    def _metric(self, tokens: VisualTokens) -> Tensor:
+        cfg = self.config
+        keys = tokens.signals.get("keys", {})
+        if cfg.metric == "x" or (cfg.metric == "auto" and not keys):
+            return tokens.x
+        if cfg.layer is not None:
+            return tokens.signal("keys", cfg.layer, op="operator 'tome'")
+        if cfg.metric == "keys":
+            return tokens.signal("keys", 22, op="operator 'tome'")
+        return keys[max(keys)]
+
+    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+        cfg = self.config
+        protect = 1 if cfg.protect_cls else 0
+        sort_back = cfg.restore_order or cfg.compat == "clean"
+        if sort_back:
+            first = tokens.index.to(torch.float64)
+            tokens = tokens.replace(signals={**tokens.signals, _FIRST: {0: first}})
+        key_layer = None
+        if cfg.metric != "x" and tokens.signals.get("keys"):
+            key_layer = cfg.layer if cfg.layer is not None else (22 if cfg.metric == "keys" else max(tokens.signals["keys"]))
+        elif cfg.metric == "keys":
+            raise SignalError(f"operator 'tome' with metric='keys' needs signal 'keys' at vision layer "
+                              f"{22 if cfg.layer is None else cfg.layer}; record it with a tap")
+        drop_all = k == 0
+        target = k.clamp_min(1)
+        one_step = cfg.keep is None and cfg.ratio is None and cfg.r is not None and tokens.budget is None
+        while True:
+            n = tokens.counts
+            room = (n - protect) // 2
+            r = torch.minimum(n - target, room).clamp_min(0)
+            if cfg.r is not None:
+                r = r.clamp_max(cfg.r)
+            if not bool((r > 0).any()):
+                if bool((n > target).any()):
+                    raise BudgetError(
+                        f"tome cannot merge below {int(n[n > target].min())} tokens with protect_cls=True "
+                        f"(asked for {int(target[n > target].min())}); raise keep or disable protect_cls"
+                    )
+                break
+            metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
+            assign, rep, slot_valid = bipartite_step(metric, n, r, bool(protect))
+            tokens = tokens.merge(assign, rep, None if bool(slot_valid.all()) else slot_valid)
+            if one_step:
+                break
+        if sort_back:
+            first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, float("inf"))
+            tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
+            # in raster order each merged token is identified by its first original patch
+            first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, 0).long()
+            tokens = tokens.replace(index=first, signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+        if bool(drop_all.any()):
+            tokens = tokens.keep_mask((~drop_all).unsqueeze(1).expand(tokens.x.shape[:2]))
+        return tokens

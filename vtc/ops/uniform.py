@@ -1,0 +1,85 @@
+"""Uniform baseline: keep an evenly spaced lattice of the patch grid.
+
+For a partition whose grid ``h x w`` is complete, ``k`` tokens are taken from a ``gh x gw``
+lattice with ``gh = ceil(sqrt(k*h/w))``, ``gw = ceil(k/gh)`` whose cells are centred
+(``row_i = floor((i + 1/2) * h / gh)``, likewise columns); when the lattice has more than ``k``
+points, ``k`` of them are taken evenly spaced in raster order. E.g. 64 of 24x24 is every 3rd row
+and column starting at 1. Tokens that no longer form a complete grid (already pruned, or several
+partitions in one row without budgets) are subsampled evenly in their current order instead:
+position ``floor((i + 1/2) * n / k)``. Output keeps the original order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtc.errors import LayoutError
+from vtc.ops.base import SelectConfig, Selector
+from vtc.registry import register
+from vtc.tokens import VisualTokens
+
+
+@dataclass
+class UniformConfig(SelectConfig):
+    """``keep``/``ratio``: the budget."""
+
+
+def _ceil_div(a: Tensor, b: Tensor) -> Tensor:
+    return -((-a) // b)
+
+
+def lattice_positions(h: Tensor, w: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Raster positions ``[B, K]`` (and validity) of ``k`` evenly spread cells of ``h x w`` grids."""
+    kk = k.clamp_min(1)
+    gh = torch.ceil(torch.sqrt(kk.double() * h / w)).long().clamp(1, None)
+    gh = torch.minimum(gh, h)
+    gw = torch.minimum(_ceil_div(kk, gh), w)
+    gh = torch.minimum(torch.maximum(gh, _ceil_div(kk, gw)), h)
+    L = gh * gw
+    K = int(k.max().item()) if k.numel() else 0
+    m = torch.arange(K, device=k.device).unsqueeze(0)
+    l = ((2 * m + 1) * L.unsqueeze(1)) // (2 * kk.unsqueeze(1))
+    i, j = l // gw.unsqueeze(1), l % gw.unsqueeze(1)
+    r = ((2 * i + 1) * h.unsqueeze(1)) // (2 * gh.unsqueeze(1))
+    c = ((2 * j + 1) * w.unsqueeze(1)) // (2 * gw.unsqueeze(1))
+    return r * w.unsqueeze(1) + c, m < k.unsqueeze(1)
+
+
+@register("uniform")
+class Uniform(Selector):
+    Config = UniformConfig
+    default_stage = "vision"
+
+    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+        B, N = tokens.x.shape[:2]
+        dev = tokens.device
+        n = tokens.counts
+        rows = torch.arange(B, device=dev).unsqueeze(1)
+        # 1-D fallback: evenly spaced among the tokens present
+        m = torch.arange(N, device=dev).unsqueeze(0)
+        pos = ((2 * m + 1) * n.unsqueeze(1)) // (2 * k.clamp_min(1).unsqueeze(1))
+        keep = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)
+        keep[rows.expand(B, N), torch.where(m < k.unsqueeze(1), pos, torch.full_like(pos, N))] = True
+        keep = keep[:, :N]
+        try:
+            r, c, h, w = tokens.grid_position()
+        except LayoutError:
+            return tokens.keep_mask(keep)
+        valid = tokens.valid
+        group = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+        g0 = group[:, :1]
+        hw = (h * w)[:, 0]
+        one_part = ((group == g0) | ~valid).all(1)
+        full = one_part & (n == hw)
+        if bool(full.any()):
+            local = r * w + c
+            target, tvalid = lattice_positions(h[:, 0], w[:, 0], k)
+            HW = int(hw.max().item())
+            table = torch.zeros(B, HW + 1, dtype=torch.bool, device=dev)
+            table[rows.expand_as(target), torch.where(tvalid, target, torch.full_like(target, HW))] = True
+            grid_keep = table.gather(1, local.clamp(0, HW - 1)) & valid
+            keep = torch.where(full.unsqueeze(1), grid_keep, keep)
+        return tokens.keep_mask(keep)

@@ -1,0 +1,58 @@
+"""VTC-CLS: keep the patches the vision tower's CLS token attends to most, summed over layers.
+
+Paper: "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs" (Wang et al., 2024).
+Described in methods.md §2.
+
+Score of patch ``j`` = sum over ``layers`` of the head-mean, post-softmax CLS→patch attention
+``signals["cls_attn"][l][:, j]``; keep the top ``k`` (ties: lowest position) in raster order, before
+the projector (stage ``vision``). Default layers 16..22 (HF CLIP numbering; 22 is the layer whose
+output LLaVA uses), i.e. the official ``--layer 16`` with the ``attentions[start:-1]`` slice.
+
+The official code only supports LLaVA-1.5 (one partition, batch 1); on AnyRes inputs vtc scores
+each partition with its own CLS attention and, given per-partition budgets, selects per partition.
+That generalisation is vtc's, not the paper's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from vtc.errors import ConfigError
+from vtc.ops.base import SelectConfig, Selector
+from vtc.ops.selection import keep_top
+from vtc.registry import register
+from vtc.tokens import VisualTokens
+
+
+@dataclass
+class VtcClsConfig(SelectConfig):
+    """``layers``: vision layers whose CLS attention is summed (HF numbering, 0-based)."""
+
+    layers: list[int] = field(default_factory=lambda: list(range(16, 23)))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.layers:
+            raise ConfigError("vtc-cls needs at least one layer in layers=")
+
+
+@register("vtc-cls")
+class VtcCls(Selector):
+    Config = VtcClsConfig
+    default_stage = "vision"
+
+    @property
+    def requires(self) -> dict[str, list[int]]:
+        return {"cls_attn": sorted(set(self.config.layers))}
+
+    def scores(self, tokens: VisualTokens) -> Tensor:
+        sig = [tokens.signal("cls_attn", l, op="operator 'vtc-cls'") for l in self.config.layers]
+        out = sig[0].clone()  # summed in layer order, in the signal's dtype
+        for s in sig[1:]:
+            out = out + s
+        return out
+
+    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+        return keep_top(tokens, self.scores(tokens), k)

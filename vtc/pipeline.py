@@ -1,0 +1,241 @@
+"""Pipeline: an ordered list of operators, and ``build()`` from every config form.
+
+``vtc.build`` accepts a name with arguments (``"divprune:keep=64"``), a pipe of them
+(``"vtc-cls:keep=192 | tome:keep=64"``), a dict (``{"op": "divprune", "keep": 64}``), a list of
+dicts, a path to a YAML file holding any of these (or ``{"pipeline": ...}``), or a Pipeline. All
+forms give the same :class:`Pipeline`, whose :meth:`~Pipeline.spec` round-trips and whose
+:attr:`~Pipeline.hash` is stable across processes.
+
+Stages run in order: every ``vision`` operator comes before every ``llm`` operator. An allocator
+followed by a selector only allocates; the selector then fills the per-partition budgets (the
+integration carries ``budget`` and ``group`` across the projector when they sit in different
+stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vtc.errors import ConfigError
+from vtc.ops.base import STAGES, Operator
+from vtc.registry import create, get_op
+from vtc.tokens import VisualTokens
+
+__all__ = ["Pipeline", "build", "parse_spec"]
+
+
+class Pipeline(nn.Module):
+    """Operators applied in order; callable on :class:`VisualTokens` (see the module docstring)."""
+
+    def __init__(self, ops: Iterable[Operator] = ()) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(ops)
+        for op in self.ops:
+            if not isinstance(op, Operator):
+                raise ConfigError(f"a Pipeline holds vtc operators, got {type(op).__name__}")
+        self._check()
+
+    def _check(self) -> None:
+        stages = [op.stage for op in self.ops]
+        seen_llm = None
+        for op, st in zip(self.ops, stages):
+            if st == "llm":
+                seen_llm = op
+            elif seen_llm is not None:
+                raise ConfigError(
+                    f"operator {op.name!r} runs at stage 'vision' after {seen_llm.name!r} at stage 'llm'; "
+                    "order vision-stage operators first (or set stage=llm on it)"
+                )
+        for i, op in enumerate(self.ops):
+            fills = i > 0 and self.ops[i - 1].allocates and op.selects
+            cfg = op.config
+            if fills and (getattr(cfg, "keep", None) is not None or getattr(cfg, "ratio", None) is not None):
+                raise ConfigError(
+                    f"{op.name!r} follows the allocator {self.ops[i - 1].name!r}, which sets its budgets; "
+                    f"drop keep=/ratio= from {op.name!r}"
+                )
+
+    # ------------------------------------------------------------------ running
+    def hands_off(self, i: int) -> bool:
+        """Whether operator ``i`` is an allocator whose budgets the next operator fills."""
+        return bool(self.ops[i].allocates and i + 1 < len(self.ops) and self.ops[i + 1].selects)
+
+    def forward(self, tokens: VisualTokens, stage: str | None = None) -> VisualTokens:
+        """Run every operator (or only those of ``stage``) in order."""
+        if stage is not None and stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+        for i, op in enumerate(self.ops):
+            if stage is not None and op.stage != stage:
+                continue
+            tokens = op.allocate(tokens) if self.hands_off(i) else op(tokens)
+        return tokens
+
+    def stage_ops(self, stage: str) -> list[Operator]:
+        return [op for op in self.ops if op.stage == stage]
+
+    def has_stage(self, stage: str) -> bool:
+        return any(op.stage == stage for op in self.ops)
+
+    @property
+    def requires(self) -> dict[str, list[int]]:
+        """Union of the operators' required signals: ``{"cls_attn": [16, ..., 22]}``."""
+        out: dict[str, set[int]] = {}
+        for op in self.ops:
+            for sig, layers in op.requires.items():
+                out.setdefault(sig, set()).update(layers)
+        return {k: sorted(v) for k, v in out.items()}
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __iter__(self):
+        return iter(self.ops)
+
+    def __getitem__(self, i: int) -> Operator:
+        return self.ops[i]
+
+    # ------------------------------------------------------------------ config round trip
+    def spec(self) -> list[dict[str, Any]]:
+        """Every operator as ``{"op": name, **all arguments}``; ``vtc.build(p.spec())`` rebuilds it."""
+        return [op.spec() for op in self.ops]
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump({"pipeline": self.spec()}, sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @property
+    def hash(self) -> str:
+        """12 hex digits of SHA-256 over the canonical JSON of :meth:`spec` (stable across runs)."""
+        blob = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def __str__(self) -> str:
+        """The compact string form (non-default arguments only): ``"vtc-cls:keep=192 | tome:keep=64"``."""
+        from vtc.ops.base import config_dict
+
+        parts = []
+        for op in self.ops:
+            args = config_dict(op.config, full=False)
+            parts.append(op.name + (":" + ",".join(f"{k}={_fmt(v)}" for k, v in args.items()) if args else ""))
+        return " | ".join(parts) if parts else "identity"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.spec() == other.spec()
+
+    __hash__ = nn.Module.__hash__
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+# ---------------------------------------------------------------------- parsing
+def _split_top(s: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets."""
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_spec(text: str) -> list[dict[str, Any]]:
+    """``"a:k=v,k2=v2 | b"`` to ``[{"op": "a", "k": "v", "k2": "v2"}, {"op": "b"}]`` (values as strings)."""
+    out = []
+    for part in _split_top(text, "|"):
+        part = part.strip()
+        if not part:
+            raise ConfigError(f"empty operator in pipeline spec {text!r}")
+        name, _, argstr = part.partition(":")
+        entry: dict[str, Any] = {"op": name.strip()}
+        if argstr.strip():
+            for kv in _split_top(argstr, ","):
+                key, eq, val = kv.partition("=")
+                if not eq or not key.strip():
+                    raise ConfigError(f"argument {kv.strip()!r} in {part!r} is not of the form name=value")
+                entry[key.strip()] = val.strip()
+        out.append(entry)
+    return out
+
+
+def _op_from_dict(d: Any) -> Operator:
+    if isinstance(d, Operator):
+        return d
+    if isinstance(d, str):
+        ops = [_op_from_dict(x) for x in parse_spec(d)]
+        if len(ops) != 1:
+            raise ConfigError(f"expected one operator, got the pipe {d!r}")
+        return ops[0]
+    if not isinstance(d, dict) or "op" not in d:
+        raise ConfigError(f"each pipeline entry needs an 'op' key naming the operator, got {d!r}")
+    args = {k: v for k, v in d.items() if k != "op"}
+    get_op(d["op"])  # unknown name -> ConfigError listing the valid ones
+    return create(d["op"], **args)
+
+
+def build(spec: Any) -> Pipeline:
+    """Build a :class:`Pipeline` from any accepted form (see the module docstring)."""
+    if isinstance(spec, Pipeline):
+        return spec
+    if isinstance(spec, Operator):
+        return Pipeline([spec])
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.strip().lower().endswith((".yaml", ".yml"))):
+        return build(_load_yaml(Path(spec)))
+    if isinstance(spec, str):
+        if not spec.strip() or spec.strip() == "identity":
+            return Pipeline([])
+        return Pipeline([_op_from_dict(d) for d in parse_spec(spec)])
+    if isinstance(spec, dict):
+        if "pipeline" in spec:
+            if set(spec) - {"pipeline", "name"}:
+                raise ConfigError(f"a pipeline file holds 'pipeline' (and optionally 'name'), got keys {sorted(spec)}")
+            return build(spec["pipeline"])
+        return Pipeline([_op_from_dict(spec)])
+    if isinstance(spec, Sequence):
+        ops: list[Operator] = []
+        for item in spec:
+            ops.extend(build(item).ops)
+        return Pipeline(ops)
+    if spec is None:
+        return Pipeline([])
+    raise ConfigError(
+        f"cannot build a pipeline from {type(spec).__name__}; give a string like 'divprune:keep=64', "
+        "a dict {'op': ..., ...}, a list of them, or a YAML file path"
+    )
+
+
+def _load_yaml(path: Path) -> Any:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"pipeline file {str(path)!r} is not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(f"pipeline file {str(path)!r} is empty")
+    return data

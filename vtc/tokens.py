@@ -1,0 +1,581 @@
+"""VisualTokens: the batched container every operator reads and returns.
+
+One image's visual tokens travel from stage to stage as rows of a ``[B, N, D]`` tensor plus the
+facts an operator needs to decide what to keep: the original position of each token (``index``),
+how many patches a merged token stands for (``size``), which AnyRes partition it came from
+(``group``), the grid it was cut from (``layout``), per-token signals recorded in the vision tower
+(``signals``) and per-partition budgets set by an allocating operator (``budget``).
+
+Images in a batch may hold different numbers of tokens. Valid tokens are always packed to the
+left of each row and ``mask`` marks them (``None`` means every token is valid). The helpers here
+(:meth:`VisualTokens.gather`, :meth:`~VisualTokens.keep_mask`, :meth:`~VisualTokens.merge`,
+:meth:`~VisualTokens.split_groups`, ...) keep every field and every signal aligned, so operators
+never index fields by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtc.errors import InputError, LayoutError
+
+__all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES"]
+
+#: How a signal is combined when tokens are merged. Attention mass is additive (a merged token
+#: receives the attention of all its members); everything else is a size-weighted mean.
+SIGNAL_MERGE_RULES: dict[str, str] = {"cls_attn": "sum"}
+_MERGE_RULES = ("sum", "mean", "min", "max")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Grid facts of one image's tokens.
+
+    ``grids[p]`` is the ``(h, w)`` patch grid of partition ``p``; partition ``p``'s tokens have
+    original indices ``offsets[p] .. offsets[p] + h*w - 1`` in raster order. ``anyres`` is
+    LLaVA-NeXT's crop grid ``(nH, nW)`` (partition 0 is the base view, crops follow row-major),
+    ``image_size`` the original ``(height, width)`` that LLaVA-NeXT's unpadding needs, and
+    ``info`` free-form facts an integration wants to hand to its own later steps.
+    """
+
+    grids: tuple[tuple[int, int], ...]
+    anyres: tuple[int, int] | None = None
+    image_size: tuple[int, int] | None = None
+    info: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        grids = tuple((int(h), int(w)) for h, w in self.grids)
+        if not grids or any(h < 1 or w < 1 for h, w in grids):
+            raise LayoutError(f"Layout.grids must be a non-empty list of positive (h, w) pairs, got {self.grids!r}")
+        object.__setattr__(self, "grids", grids)
+        if self.anyres is not None:
+            nh, nw = (int(v) for v in self.anyres)
+            object.__setattr__(self, "anyres", (nh, nw))
+            if len(grids) != 1 + nh * nw:
+                raise LayoutError(
+                    f"an AnyRes layout with a {nh}x{nw} crop grid has {1 + nh * nw} partitions "
+                    f"(base + crops) but {len(grids)} grids were given"
+                )
+
+    @classmethod
+    def grid(cls, h: int, w: int | None = None) -> Layout:
+        """A single partition of ``h x w`` patches (LLaVA-1.5: ``Layout.grid(24)``)."""
+        return cls(grids=((h, h if w is None else w),))
+
+    @classmethod
+    def square(cls, n: int) -> Layout:
+        """A single square partition of ``n`` tokens; raises if ``n`` is not a perfect square."""
+        side = math.isqrt(int(n))
+        if side * side != n:
+            raise LayoutError(
+                f"{n} tokens do not form a square grid; pass layout=Layout.grid(h, w) with the real grid"
+            )
+        return cls.grid(side)
+
+    @classmethod
+    def for_anyres(
+        cls, grid: int | tuple[int, int], crops: tuple[int, int], image_size: tuple[int, int] | None = None
+    ) -> Layout:
+        """Base view plus an ``nH x nW`` grid of crops, each with the same patch ``grid``."""
+        g = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        nh, nw = crops
+        return cls(grids=(g,) * (1 + nh * nw), anyres=(nh, nw), image_size=image_size)
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.grids)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for h, w in self.grids:
+            out.append(acc)
+            acc += h * w
+        return tuple(out)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h * w for h, w in self.grids)
+
+
+def _as_layouts(layout: Any, batch: int) -> tuple[Layout, ...] | Layout | None:
+    if layout is None or isinstance(layout, Layout):
+        return layout
+    if isinstance(layout, (list, tuple)) and all(isinstance(v, Layout) for v in layout):
+        if len(layout) != batch:
+            raise LayoutError(f"got {len(layout)} layouts for a batch of {batch} images; pass one per image or one for all")
+        return tuple(layout)
+    raise LayoutError(f"layout must be a vtc.Layout, a list of one per image, or None; got {type(layout).__name__}")
+
+
+@dataclass
+class VisualTokens:
+    """A batch of visual tokens and everything aligned with them (see the module docstring).
+
+    Only ``x`` is required: ``VisualTokens(x=features)`` gives ``index = arange(N)``, no mask,
+    size 1, one partition, no signals and no budget.
+    """
+
+    x: Tensor
+    mask: Tensor | None = None
+    index: Tensor | None = None
+    size: Tensor | None = None
+    group: Tensor | None = None
+    layout: Layout | tuple[Layout, ...] | None = None
+    signals: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+    budget: Tensor | None = None
+
+    # ------------------------------------------------------------------ construction / checks
+    def __post_init__(self) -> None:
+        x = self.x
+        if not isinstance(x, Tensor):
+            raise InputError(f"VisualTokens.x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+            self.x = x
+        if x.dim() != 3 or not x.is_floating_point():
+            raise InputError(f"VisualTokens.x must be a floating [B, N, D] tensor, got {x.dtype} of shape {tuple(x.shape)}")
+        B, N = x.shape[:2]
+        dev = x.device
+        if self.index is None:
+            self.index = torch.arange(N, device=dev).expand(B, N)
+        self.index = self._check_field("index", self.index, (B, N), integral=True)
+        if self.mask is not None:
+            self.mask = self._check_field("mask", self.mask, (B, N), boolean=True)
+        if self.size is not None:
+            self.size = self._check_field("size", self.size, (B, N))
+            if not self.size.is_floating_point():
+                self.size = self.size.to(x.dtype)
+        if self.group is not None:
+            self.group = self._check_field("group", self.group, (B, N), integral=True)
+        self.layout = _as_layouts(self.layout, B)
+        sig: dict[str, dict[int, Tensor]] = {}
+        for name, per_layer in (self.signals or {}).items():
+            if isinstance(per_layer, Tensor):
+                raise InputError(
+                    f"signals[{name!r}] must map a layer number to a tensor, e.g. {{22: t}}, not be a tensor itself"
+                )
+            sig[name] = {int(l): self._check_field(f"signals[{name!r}][{l}]", t, (B, N), trailing=True)
+                         for l, t in per_layer.items()}
+        self.signals = sig
+        if self.budget is not None:
+            b = self.budget
+            if not isinstance(b, Tensor):
+                b = torch.as_tensor(b, device=dev)
+            if b.dim() == 1:
+                b = b.unsqueeze(1)
+            if b.dim() != 2 or b.shape[0] != B or b.is_floating_point():
+                raise InputError(f"budget must be an integer [B, G] tensor with B={B}, got shape {tuple(b.shape)}")
+            if (b < 0).any():
+                raise InputError("budget holds negative counts; a partition's budget is a count of tokens >= 0")
+            self.budget = b.to(device=dev, dtype=torch.long)
+        if self.mask is not None:
+            self._pack_left()
+
+    @staticmethod
+    def _check_field(name: str, t: Any, shape: tuple[int, int], *, integral: bool = False,
+                     boolean: bool = False, trailing: bool = False) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise InputError(f"VisualTokens.{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape[:2]) != shape or (not trailing and t.dim() != 2):
+            want = f"[{shape[0]}, {shape[1]}{', ...' if trailing else ''}]"
+            raise InputError(f"VisualTokens.{name} has shape {tuple(t.shape)} but must be {want} to align with x")
+        if boolean and t.dtype != torch.bool:
+            raise InputError(f"VisualTokens.{name} must be a bool tensor, got {t.dtype}")
+        if integral and (t.is_floating_point() or t.dtype == torch.bool):
+            raise InputError(f"VisualTokens.{name} must be an integer tensor, got {t.dtype}")
+        return t.long() if integral else t
+
+    def _pack_left(self) -> None:
+        """Move padding to the right of each row (valid tokens keep their relative order)."""
+        m = self.mask
+        n = m.sum(1, keepdim=True)
+        if bool((m == (torch.arange(m.shape[1], device=m.device) < n)).all()):
+            if bool(m.all()):
+                self.mask = None
+            return
+        packed = self.keep_mask(m)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(packed, f.name))
+
+    def check_finite(self, op: str = "operator") -> None:
+        """Raise :class:`InputError` if a valid token's features hold NaN or Inf."""
+        bad = ~torch.isfinite(self.x).all(-1)
+        if self.mask is not None:
+            bad &= self.mask
+        if bool(bad.any()):
+            b, n = (int(v) for v in bad.nonzero()[0])
+            raise InputError(
+                f"{op}: features hold NaN/Inf (first at image {b}, token {n}, {int(bad.sum())} tokens in all); "
+                "check the vision tower's dtype (fp16 overflow) and its inputs"
+            )
+
+    # ------------------------------------------------------------------ basic facts
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Padded token count N (the per-image counts are :attr:`counts`)."""
+        return self.x.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N]`` bool: the mask, or all true."""
+        if self.mask is None:
+            return torch.ones(self.x.shape[:2], dtype=torch.bool, device=self.device)
+        return self.mask
+
+    @property
+    def counts(self) -> Tensor:
+        """``[B]`` long: valid tokens per image."""
+        if self.mask is None:
+            return torch.full((self.batch_size,), self.num_tokens, dtype=torch.long, device=self.device)
+        return self.mask.sum(1)
+
+    @property
+    def sizes(self) -> Tensor:
+        """``[B, N]``: :attr:`size`, or ones."""
+        if self.size is None:
+            return torch.ones(self.x.shape[:2], dtype=self.x.dtype, device=self.device)
+        return self.size
+
+    @property
+    def num_groups(self) -> int:
+        """Number of partitions G (from ``budget``, else ``group``, else ``layout``, else 1)."""
+        if self.budget is not None:
+            return self.budget.shape[1]
+        g = 1
+        if self.group is not None and self.group.numel():
+            g = int(self.group[self.valid].max().item()) + 1 if bool(self.valid.any()) else 1
+        for lay in self.layouts():
+            if lay is not None:
+                g = max(g, lay.num_partitions)
+        return g
+
+    def layouts(self) -> list[Layout | None]:
+        """One layout (or None) per image."""
+        if isinstance(self.layout, tuple):
+            return list(self.layout)
+        return [self.layout] * self.batch_size
+
+    def signal(self, name: str, layer: int, op: str = "operator") -> Tensor:
+        """The recorded signal ``name`` at ``layer``, or a :class:`SignalError` saying how to get it."""
+        from vtc.errors import SignalError
+
+        per_layer = self.signals.get(name)
+        if per_layer is None or layer not in per_layer:
+            have = {k: sorted(v) for k, v in self.signals.items()} or "none"
+            raise SignalError(
+                f"{op} needs signal {name!r} at vision layer {layer} but it was not recorded (recorded: {have}). "
+                f"Attach a tap that records it (vtc.taps.attach(tower, {{{name!r}: [{layer}]}})), "
+                f"let vtc.apply do it, or pass it in VisualTokens.signals[{name!r}][{layer}]."
+            )
+        return per_layer[layer]
+
+    def replace(self, **changes: Any) -> VisualTokens:
+        return dataclasses.replace(self, **changes)
+
+    def to(self, *args: Any, **kwargs: Any) -> VisualTokens:
+        """Move every tensor (``x`` and float signals/size get the dtype, if one is given)."""
+        def mv(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            dev = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+            return t.to(dev) if dev is not None else t
+        return self._map(mv, budget_fn=mv)
+
+    # ------------------------------------------------------------------ field plumbing
+    def _map(self, fn: Callable[[Tensor], Tensor], *, mask: Any = ..., budget_fn: Callable | None = None,
+             **overrides: Any) -> VisualTokens:
+        """Apply ``fn`` to every per-token field (x, index, size, group, signals)."""
+        out = dict(
+            x=fn(self.x),
+            index=fn(self.index),
+            size=None if self.size is None else fn(self.size),
+            group=None if self.group is None else fn(self.group),
+            signals={k: {l: fn(t) for l, t in v.items()} for k, v in self.signals.items()},
+            mask=(None if self.mask is None else fn(self.mask)) if mask is ... else mask,
+            layout=self.layout,
+            budget=self.budget if budget_fn is None or self.budget is None else budget_fn(self.budget),
+        )
+        out.update(overrides)
+        return VisualTokens(**out)
+
+    # ------------------------------------------------------------------ keeping tokens
+    def gather(self, idx: Tensor, valid: Tensor | None = None) -> VisualTokens:
+        """Tokens at positions ``idx`` ``[B, K]`` of each row, in that order.
+
+        ``valid`` ``[B, K]`` marks real entries (padding entries may hold any index and must come
+        after the real ones in each row). Every field and signal is gathered; ``budget`` and
+        ``layout`` are kept as they are.
+        """
+        B = self.batch_size
+        if idx.dim() != 2 or idx.shape[0] != B:
+            raise InputError(f"gather index must be [B={B}, K], got {tuple(idx.shape)}")
+        idx = idx.long()
+        if valid is not None:
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
+        rows = torch.arange(B, device=self.device).unsqueeze(1)
+
+        def take(t: Tensor) -> Tensor:
+            g = t[rows, idx]
+            if valid is not None and g.is_floating_point():
+                g = g.masked_fill(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)
+            return g
+
+        new_mask = None if valid is None or bool(valid.all()) else valid
+        if self.mask is not None:
+            taken = self.mask[rows, idx] if valid is None else self.mask[rows, idx] & valid
+            if bool((taken != (valid if valid is not None else True)).any()):
+                raise InputError("gather picked padding positions; keep indices must point at valid tokens")
+        return self._map(take, mask=new_mask)
+
+    def keep_mask(self, keep: Tensor) -> VisualTokens:
+        """Keep the tokens where ``keep`` ``[B, N]`` is true, in their current order."""
+        keep = keep & self.valid
+        n = keep.sum(1)
+        K = int(n.max().item()) if keep.numel() else 0
+        # stable sort puts kept positions first, in their original order
+        order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :K]
+        valid = torch.arange(K, device=self.device).unsqueeze(0) < n.unsqueeze(1)
+        return self.gather(order, valid)
+
+    def merge(self, assign: Tensor, rep: Tensor, slot_valid: Tensor | None = None) -> VisualTokens:
+        """Merge tokens into slots.
+
+        ``assign`` ``[B, N]``: the output slot of each token (``-1`` drops it; padding is ignored).
+        ``rep`` ``[B, M]``: for each slot, the position of its representative token, whose
+        ``index`` and ``group`` the merged token takes. ``slot_valid`` ``[B, M]`` marks real slots
+        (left-packed; default all). Features and signals are combined with size weights (signals
+        follow :data:`SIGNAL_MERGE_RULES`), and ``size`` becomes the sum of member sizes.
+        """
+        B, N = assign.shape
+        M = rep.shape[1]
+        dev = self.device
+        live = (assign >= 0) & self.valid
+        slot = torch.where(live, assign, torch.full_like(assign, M))  # M = trash slot
+        w = self.sizes * live.to(self.sizes.dtype)
+
+        def reduce(t: Tensor, rule: str) -> Tensor:
+            tail = t.shape[2:]
+            ones = [1] * len(tail)
+            idx = slot.view(B, N, *ones).expand(B, N, *tail)
+            if rule == "sum":  # attention-like mass: the members' values add up
+                out = torch.zeros(B, M + 1, *tail, dtype=t.dtype, device=dev)
+                out.scatter_add_(1, idx, t * live.view(B, N, *ones).to(t.dtype))
+                return out[:, :M]
+            if rule == "mean":  # size-weighted mean
+                ww = w.view(B, N, *ones).to(t.dtype)
+                num = torch.zeros(B, M + 1, *tail, dtype=t.dtype, device=dev).scatter_add_(1, idx, t * ww)
+                den = torch.zeros(B, M + 1, *ones, dtype=t.dtype, device=dev)
+                den.scatter_add_(1, slot.view(B, N, *ones), ww)
+                return (num / den.clamp_min(torch.finfo(t.dtype).tiny))[:, :M]
+            src = t if t.is_floating_point() else t.to(torch.float64)
+            fill = float("inf") if rule == "min" else float("-inf")
+            out = torch.full((B, M + 1, *tail), fill, dtype=src.dtype, device=dev)
+            out.scatter_reduce_(1, idx, src, reduce="amin" if rule == "min" else "amax", include_self=True)
+            return out[:, :M].to(t.dtype)
+
+        new_size = torch.zeros(B, M + 1, dtype=w.dtype, device=dev).scatter_add_(1, slot, w)[:, :M]
+        rows = torch.arange(B, device=dev).unsqueeze(1)
+        rep = rep.long().clamp(0, N - 1)
+        signals = {}
+        for name, per_layer in self.signals.items():
+            rule = SIGNAL_MERGE_RULES.get(name, "mean")
+            if rule not in _MERGE_RULES:
+                raise InputError(f"unknown merge rule {rule!r} for signal {name!r}; use one of {_MERGE_RULES}")
+            signals[name] = {l: reduce(t, rule) for l, t in per_layer.items()}
+        out = VisualTokens(
+            x=reduce(self.x, "mean"),
+            mask=slot_valid,
+            index=self.index[rows, rep],
+            size=new_size,
+            group=None if self.group is None else self.group[rows, rep],
+            layout=self.layout,
+            signals=signals,
+            budget=self.budget,
+        )
+        if slot_valid is not None:
+            out = out._zero_padding()
+        return out
+
+    def _zero_padding(self) -> VisualTokens:
+        if self.mask is None:
+            return self
+        m = self.mask
+
+        def z(t: Tensor) -> Tensor:
+            if not t.is_floating_point():
+                return t
+            return t.masked_fill(~m.view(*m.shape, *([1] * (t.dim() - 2))), 0)
+        return self._map(z, mask=m)
+
+    # ------------------------------------------------------------------ partitions
+    def split_groups(self) -> tuple[VisualTokens, int]:
+        """One row per (image, partition): ``[B*G, Nmax]`` tokens and G.
+
+        Row ``b*G + g`` holds image ``b``'s tokens of partition ``g`` in their current order, and
+        its ``budget`` is the single column ``budget[b, g]`` (if a budget is set). Undo with
+        :meth:`join_groups`.
+        """
+        G = self.num_groups
+        B, N = self.x.shape[:2]
+        dev = self.device
+        group = self.group if self.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+        if bool(((group >= G) & self.valid).any()):
+            raise LayoutError(f"tokens carry partition ids >= {G}, but the budget has {G} columns")
+        key = torch.arange(B, device=dev).unsqueeze(1) * G + group
+        key = torch.where(self.valid, key, torch.full_like(key, B * G))
+        flat, valid = _pack_by_key(key.reshape(-1), B * G)
+        rows = self._flat()._index_rows(flat, valid)
+        layouts = self.layouts()
+        rows.layout = None if self.layout is None else tuple(layouts[r // G] for r in range(B * G))
+        rows.budget = None if self.budget is None else self.budget.reshape(B * G, 1)
+        return rows, G
+
+    def join_groups(self, rows: VisualTokens, G: int) -> VisualTokens:
+        """Inverse of :meth:`split_groups`: concatenate each image's partition rows in order.
+
+        The result takes ``rows``' fields (so what an operator did to the rows is kept), this
+        object's ``layout``, and the budget of the rows folded back to ``[B, G]`` (or None).
+        """
+        BG, M = rows.x.shape[:2]
+        B = BG // G
+        dev = rows.device
+        key = (torch.arange(BG, device=dev) // G).unsqueeze(1).expand(BG, M)
+        key = torch.where(rows.valid, key, torch.full_like(key, B))
+        flat, valid = _pack_by_key(key.reshape(-1), B)
+        out = rows._flat()._index_rows(flat, valid)
+        out.layout = self.layout
+        out.budget = None if rows.budget is None else rows.budget.reshape(B, G)
+        return out
+
+    def _flat(self) -> VisualTokens:
+        """All tokens as one row ``[1, B*N]`` (padding included) for cross-row regrouping."""
+        return self._map(lambda t: t.reshape(1, -1, *t.shape[2:]), mask=None, layout=None, budget=None)
+
+    def _index_rows(self, flat: Tensor, valid: Tensor) -> VisualTokens:
+        """Build rows from positions ``flat`` ``[R, K]`` into this single-row object."""
+        def take(t: Tensor) -> Tensor:
+            g = t[0][flat]
+            if g.is_floating_point():
+                g = g.masked_fill(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)
+            return g
+        return self._map(take, mask=valid, budget=None)
+
+    # ------------------------------------------------------------------ conversions
+    def to_padded(self) -> tuple[Tensor, Tensor]:
+        """``(x [B, N, D], valid [B, N])`` with padded features zeroed."""
+        v = self.valid
+        return self.x.masked_fill(~v.unsqueeze(-1), 0), v
+
+    def unbind(self) -> list[Tensor]:
+        """Per-image feature tensors ``[n_b, D]``."""
+        return [self.x[b, :n] for b, n in enumerate(self.counts.tolist())]
+
+    def unbind_index(self) -> list[Tensor]:
+        """Per-image original indices ``[n_b]``."""
+        return [self.index[b, :n] for b, n in enumerate(self.counts.tolist())]
+
+    @classmethod
+    def from_list(cls, xs: Sequence[Tensor], **fields: Any) -> VisualTokens:
+        """Pad per-image ``[n_b, D]`` features into one batch (other fields as per-image lists)."""
+        if not xs:
+            raise InputError("from_list needs at least one image")
+        n = max(int(t.shape[0]) for t in xs)
+        B = len(xs)
+
+        def pad(ts: Sequence[Tensor], fill: float | int | bool = 0) -> Tensor:
+            first = ts[0]
+            out = torch.full((B, n, *first.shape[1:]), fill, dtype=first.dtype, device=first.device)
+            for b, t in enumerate(ts):
+                out[b, : t.shape[0]] = t
+            return out
+
+        counts = torch.tensor([int(t.shape[0]) for t in xs], device=xs[0].device)
+        mask = torch.arange(n, device=xs[0].device).unsqueeze(0) < counts.unsqueeze(1)
+        kw: dict[str, Any] = {}
+        for name in ("index", "size", "group"):
+            if fields.get(name) is not None:
+                kw[name] = pad(fields[name])
+        if "index" not in kw:
+            kw["index"] = torch.arange(n, device=xs[0].device).expand(B, n)
+        if fields.get("signals"):
+            kw["signals"] = {k: {l: pad(ts) for l, ts in v.items()} for k, v in fields["signals"].items()}
+        return cls(x=pad(xs), mask=None if bool(mask.all()) else mask, layout=fields.get("layout"),
+                   budget=fields.get("budget"), **kw)
+
+    # ------------------------------------------------------------------ grid geometry
+    def grid_position(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(row, col, h, w)`` ``[B, N]`` long: each token's cell in its partition's grid.
+
+        Uses ``layout`` (one per image or shared). Without a layout, a single square grid holding
+        every original token is assumed, which needs a perfect-square token count.
+        """
+        B, N = self.x.shape[:2]
+        dev = self.device
+        group = self.group if self.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+        layouts = self.layouts()
+        if all(lay is None for lay in layouts):
+            n_orig = int(self.index.max().item()) + 1 if self.index.numel() else N
+            n_orig = max(n_orig, N)
+            layouts = [Layout.square(n_orig)] * B
+        if any(lay is None for lay in layouts):
+            raise LayoutError("some images in the batch have a layout and others none; give every image a layout")
+        P = max(lay.num_partitions for lay in layouts)
+        tab = torch.zeros(B, P, 3, dtype=torch.long)  # offset, h, w per (image, partition)
+        for b, lay in enumerate(layouts):
+            for p, ((h, w), off) in enumerate(zip(lay.grids, lay.offsets)):
+                tab[b, p] = torch.tensor([off, h, w])
+        tab = tab.to(dev)
+        if bool(((group >= P) & self.valid).any()):
+            raise LayoutError(f"a token's partition id is >= the {P} partitions its layout describes")
+        g = group.clamp(0, P - 1)
+        rows = torch.arange(B, device=dev).unsqueeze(1)
+        off, h, w = (tab[rows, g, i] for i in range(3))
+        local = self.index - off
+        if bool((((local < 0) | (local >= h * w)) & self.valid).any()):
+            raise LayoutError(
+                "token indices fall outside their partition's grid; the layout does not describe these tokens "
+                "(for LLaVA-NeXT, index is the position in the concatenation of all partitions' patch tokens)"
+            )
+        return local // w, local % w, h, w
+
+
+def _pack_by_key(key: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+    """Positions grouped by ``key`` (values ``0..num_keys-1``; ``num_keys`` = drop).
+
+    Returns ``idx [num_keys, K]`` (positions into ``key``, in their original order within each key)
+    and ``valid [num_keys, K]``.
+    """
+    dev = key.device
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    counts = torch.bincount(key.clamp_max(num_keys), minlength=num_keys + 1)[:num_keys]
+    K = int(counts.max().item()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    keep = sorted_key < num_keys
+    pos = torch.arange(order.numel(), device=dev) - starts[sorted_key.clamp_max(num_keys - 1)]
+    idx = torch.zeros(num_keys, max(K, 0), dtype=torch.long, device=dev)
+    idx[sorted_key[keep], pos[keep]] = order[keep]
+    valid = torch.arange(K, device=dev).unsqueeze(0) < counts.unsqueeze(1)
+    return idx, valid
