@@ -86,6 +86,9 @@ class Operator(nn.Module):
     selects: ClassVar[bool] = False
     #: true for operators that write per-partition budgets
     allocates: ClassVar[bool] = False
+    #: true for trainable operators that map vision features straight to LLM embeddings (MQT):
+    #: the integration then runs them instead of the model's projector
+    replaces_projector: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()
