@@ -58,7 +58,7 @@ class VisualCompressor(nn.Module):
         self.feature_layer = feature_layer
         self.prefix = prefix_tokens(tower) if prefix is None else int(prefix)
         self.grid = grid
-        self._tap = open_tap(tower, self.pipeline.requires, who=f"the pipeline {self.pipeline}")
+        self._tap: Any = None  # opened on the first call on pixel_values
 
     def _layout(self, n: int) -> Layout | None:
         if self.grid is not None:
@@ -83,6 +83,8 @@ class VisualCompressor(nn.Module):
         return CompressedVisual(x=out.to_padded()[0], mask=out.mask, index=out.index, counts=out.counts, tokens=out)
 
     def forward(self, pixel_values: Tensor) -> CompressedVisual:
+        if self._tap is None and self.pipeline.requires:
+            self._tap = open_tap(self.tower, self.pipeline.requires, f"the pipeline {self.pipeline}", self.prefix)
         if self._tap is None:
             feats = feature_tokens(self.tower, pixel_values, self.feature_layer, self.prefix)
         else:
@@ -92,7 +94,7 @@ class VisualCompressor(nn.Module):
         return self.compress(feats, tokens)
 
     def remove(self) -> None:
-        """Remove the tap's hooks from the tower (the compressor is unusable for signals afterwards)."""
+        """Remove the tap's hooks from the tower (a later call on pixel_values opens a new tap)."""
         if self._tap is not None:
             self._tap.remove()
             self._tap = None

@@ -191,7 +191,7 @@ class _LlavaCompressor:
         call.update(input_ids=None, inputs_embeds=embeds, pixel_values=None)
         if "image_sizes" in call:
             call["image_sizes"] = None
-        positions = None
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
         if plan.changed:
             call["attention_mask"] = plan.attention_mask(mask)
             call["position_ids"] = plan.position_ids(kw.get("position_ids"), self.options.position_ids)

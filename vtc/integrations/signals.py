@@ -24,10 +24,15 @@ __all__ = ["CLS_SIGNALS", "check_tower_signals", "open_tap", "tokens_from"]
 CLS_SIGNALS = ("cls_attn", "cls_logits")
 
 
-def check_tower_signals(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str = "the pipeline") -> None:
-    """Raise :class:`SignalError` if ``requires`` asks for a CLS signal the tower cannot give."""
+def check_tower_signals(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str = "the pipeline",
+                        prefix: int | None = None) -> None:
+    """Raise :class:`SignalError` if ``requires`` asks for a CLS signal the tower cannot give.
+
+    ``prefix``: the tower's leading non-patch tokens, if the caller knows better than
+    :func:`~vtc.integrations.towers.prefix_tokens`.
+    """
     cls_needed = sorted(s for s in requires if s in CLS_SIGNALS)
-    if cls_needed and prefix_tokens(tower) == 0:
+    if cls_needed and (prefix_tokens(tower) if prefix is None else prefix) == 0:
         raise SignalError(
             f"{who} reads {', '.join(cls_needed)} (the CLS token's attention), but the vision tower "
             f"{type(tower).__name__} has no CLS token (SigLIP-style towers pool without one). Use operators "
@@ -35,11 +40,12 @@ def check_tower_signals(tower: nn.Module, requires: Mapping[str, Sequence[int]],
         )
 
 
-def open_tap(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str = "the pipeline") -> Any | None:
+def open_tap(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str = "the pipeline",
+             prefix: int | None = None) -> Any | None:
     """A ``vtc.taps`` tap recording ``requires`` on ``tower``, or None when nothing is required."""
     if not requires:
         return None
-    check_tower_signals(tower, requires, who)
+    check_tower_signals(tower, requires, who, prefix)
     try:
         from vtc.taps import attach
     except ImportError as e:  # pragma: no cover - depends on the install
