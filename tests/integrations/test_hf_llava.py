@@ -117,6 +117,18 @@ def test_position_ids_during_prefill_and_decoding(llava, photos, mode, lm_inputs
 
 
 @torch.no_grad()
+def test_original_positions_without_cache_or_mask_are_one_sequence(llava, photos):
+    """HF treats position gaps as packed sequences when there is neither a mask nor a cache."""
+    model, proc = llava
+    one = proc(images=photos[:1], text=["user : <image> what is this ?"], return_tensors="pt")
+    one.pop("attention_mask")
+    with vtc.apply(model, "uniform:keep=16", position_ids="original"):
+        cached = model(**one, use_cache=True).logits
+        uncached = model(**one, use_cache=False).logits
+    torch.testing.assert_close(uncached, cached)
+
+
+@torch.no_grad()
 def test_manual_decoding_loop_with_the_original_length_mask(llava, photos):
     model, proc = llava
     batch = proc(images=photos[:2], text=["<image> describe", "what is the <image> ?"], return_tensors="pt",

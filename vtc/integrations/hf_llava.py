@@ -194,6 +194,9 @@ class _LlavaCompressor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
         if plan.changed:
             call["attention_mask"] = plan.attention_mask(mask)
+            if call["attention_mask"] is None and self.options.position_ids == "original":
+                # without a mask and a cache, HF reads position gaps as packed sequences
+                call["attention_mask"] = plan.slot_valid.long()
             call["position_ids"] = plan.position_ids(kw.get("position_ids"), self.options.position_ids)
             call["labels"] = plan.labels(kw.get("labels"))
             positions = torch.where(plan.slot_valid, plan.src, torch.full_like(plan.src, -1))
