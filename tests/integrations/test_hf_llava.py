@@ -237,3 +237,19 @@ def test_bad_options_are_clear_errors(llava):
     with pytest.raises(ConfigError, match="unknown option"):
         vtc.apply(model, "pool:keep=16", newlines="none")
     assert "forward" not in model.__dict__
+
+
+@torch.no_grad()
+def test_divprune_on_llava_next_picks_from_the_stock_assembled_sequence(small_models, photos, lm_inputs):
+    """Official DivPrune runs on LLaVA-NeXT's assembled image features, newline tokens included."""
+    model, proc = small_models["llava_next"]
+    batch = proc(images=photos[:2], text=["<image> describe", "what is the <image> ?"], return_tensors="pt",
+                 padding=True)
+    stock = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    with vtc.apply(model, "divprune:keep=20") as h, lm_inputs(model) as rec:
+        model(**batch)
+    embeds = rec.calls[0]["inputs_embeds"]
+    slots = batch["input_ids"].gather(1, h.last.positions.clamp_min(0)) == model.config.image_token_id
+    for b, feats in enumerate(stock):
+        want = vtc.create("divprune", keep=20)(vtc.VisualTokens(x=feats[None])).x[0]
+        torch.testing.assert_close(embeds[b][slots[b]], want)
