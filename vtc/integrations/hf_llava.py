@@ -79,8 +79,8 @@ class _LlavaCompressor:
         self.tower = self.inner.vision_tower
         self.projector = self.inner.multi_modal_projector
         cfg = model.config
-        self.image_token_id = int(getattr(cfg, "image_token_id", None) if getattr(cfg, "image_token_id", None)
-                                  is not None else cfg.image_token_index)
+        token_id = getattr(cfg, "image_token_id", None)
+        self.image_token_id = int(cfg.image_token_index if token_id is None else token_id)
         self.pad_id = getattr(cfg.text_config, "pad_token_id", None)
         if self.pad_id is None:
             self.pad_id = 0
@@ -212,7 +212,7 @@ class _LlavaCompressor:
         self.handle.last = Compressed(
             counts=counts.tolist(), stock_counts=list(stock), index=tokens.unbind_index(),
             num_patches=[lay.num_tokens if lay is not None else int(tokens.num_tokens) for lay in tokens.layouts()],
-            positions=positions, tokens=tokens,
+            positions=positions, tokens=tokens.replace(x=tokens.x.detach()),
         )
         return out
 
