@@ -1,0 +1,62 @@
+"""The ``vtc`` command line: ``vtc bench CONFIG.yaml`` runs a benchmark grid, ``vtc report RUN_DIR`` rebuilds its report.
+
+Run under ``torchrun --nproc-per-node N -m vtc.cli bench CONFIG.yaml`` (or ``accelerate launch``)
+to shard the questions across processes. Errors a user can cause print one line and exit with
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtc", description="visual-token compression for LLaVA-style models")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run a benchmark config (model x task x pipeline x budget)")
+    b.add_argument("config", help="bench config YAML (see eval/configs/)")
+    b.add_argument("--out", default=None, help="run folder (default: the config's output, else runs/NAME)")
+    b.add_argument("--limit", type=int, default=None, help="questions per task (overrides the config)")
+    b.add_argument("--stratify", choices=["qtype", "answer"], default=None,
+                   help="pick --limit questions stratified by question type or answer")
+    b.add_argument("--batch-size", type=int, default=None, help="questions per generate call")
+    b.add_argument("--no-latency", action="store_true", help="skip the per-cell latency/memory profile")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    r = sub.add_parser("report", help="rebuild report.md, report.csv and plots of a run from its rows")
+    r.add_argument("run_dir")
+    r.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    from vtc.errors import VtcError
+
+    try:
+        if args.command == "bench":
+            from vtc.bench.runner import run
+
+            out = run(args.config, progress=not args.no_progress, output=args.out, limit=args.limit,
+                      stratify=args.stratify, batch_size=args.batch_size, latency=False if args.no_latency else None)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print((out / "report.md").read_text())
+                print(f"rows, summaries, report and plots in {out}")
+        elif args.command == "report":
+            from vtc.bench.report import build_report
+
+            build_report(args.run_dir, plots=not args.no_plots)
+            print(open(os.path.join(args.run_dir, "report.md")).read())
+    except VtcError as e:
+        print(f"vtc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
