@@ -46,6 +46,17 @@ def write_jsonl_task(root: Path, n: int = 6, *, broken_image: bool = True, malfo
     return manifest
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models run fastest on one thread; on a shared CPU a second thread mostly waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def jsonl_task(tmp_path: Path) -> Path:
     return write_jsonl_task(tmp_path / "task")

@@ -75,6 +75,9 @@ class _ModelState:
 class Runner:
     """Runs one :class:`BenchConfig` (see the module docstring)."""
 
+    #: consecutive questions failing in generate (not in loading) before the run stops
+    max_consecutive_failures: int = 16
+
     def __init__(self, config: BenchConfig, *, on_batch: BatchHook | None = None, progress: bool = True) -> None:
         self.config = config
         self.on_batch = on_batch
@@ -82,6 +85,7 @@ class Runner:
         self.dir = Path(config.output)
         self._questions: dict[str, list[Question]] = {}
         self._cells: list[Cell] = []
+        self._failures = 0
 
     # ------------------------------------------------------------------ top level
     def run(self) -> Path:
@@ -248,14 +252,22 @@ class Runner:
             return
         try:
             self._generate_batch(cell, good, rows, state, att, counter, pipeline)
+            self._failures = 0
         except torch.cuda.OutOfMemoryError:
-            raise
-        except (VtcError, RuntimeError, ValueError, TypeError, IndexError, KeyError, OSError) as e:
+            raise  # lower batch_size; not a property of the question
+        except Exception as e:  # noqa: BLE001 - isolate the question at fault, keep the run going
             if len(good) > 1:  # find the question at fault: answer one at a time
                 for item in good:
                     self._generate(cell, [item], rows, state, att, counter, pipeline)
-            else:
-                rows[good[0][0].qid]["error"] = f"generation failed: {type(e).__name__}: {e}"
+                return
+            rows[good[0][0].qid]["error"] = f"generation failed: {type(e).__name__}: {e}"
+            self._failures += 1
+            if self._failures >= self.max_consecutive_failures:
+                raise VtcError(
+                    f"cell {cell.label}: generation failed on {self._failures} questions in a row "
+                    f"(last: {type(e).__name__}: {e}); this looks like a problem with the model or pipeline, "
+                    "not with single questions. Rows so far are saved; fix it and rerun to resume."
+                ) from e
 
     @torch.inference_mode()
     def _generate_batch(self, cell: Cell, good: list[tuple[Question, Any]], rows: dict[str, dict[str, Any]],
