@@ -51,7 +51,7 @@ def _safe(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "x"
 
 
-def _substitute(obj: Any, budget: int | None) -> Any:
+def _substitute(obj: Any, budget: int | float | None) -> Any:
     if isinstance(obj, str):
         return obj.replace("{budget}", str(budget)) if budget is not None else obj
     if isinstance(obj, Mapping):
@@ -59,6 +59,15 @@ def _substitute(obj: Any, budget: int | None) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_substitute(v, budget) for v in obj]
     return obj
+
+
+def _number(b: Any) -> int | float:
+    """A budget: a token count, or a fraction for ``ratio={budget}`` templates."""
+    try:
+        f = float(b)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budgets are numbers (token counts or ratios), got {b!r}") from None
+    return int(f) if f.is_integer() else f
 
 
 def _has_placeholder(obj: Any) -> bool:
@@ -71,7 +80,7 @@ class PipelineSpec:
 
     name: str
     template: Any
-    budgets: list[int] | None = None
+    budgets: list[int | float] | None = None
 
     @classmethod
     def parse(cls, entry: Any, budgets: list[int] | None) -> PipelineSpec:
@@ -97,7 +106,7 @@ class PipelineSpec:
         use = own if own is not None else budgets
         if not use:
             raise ConfigError(f"pipeline {name!r} has a {{budget}} placeholder but no budgets are given")
-        return cls(name=name, template=template, budgets=[int(b) for b in use])
+        return cls(name=name, template=template, budgets=[_number(b) for b in use])
 
 
 @dataclass
@@ -107,7 +116,7 @@ class Cell:
     model: ModelEntry
     task: Task
     method: str
-    budget: int | None
+    budget: int | float | None
     pipeline_spec: Any  # None for the baseline
     selection: dict[str, Any] = field(default_factory=dict)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def get_loader(name: str) -> Loader:
 
 
 #: loader name -> modules that register it on import
-_LAZY: dict[str, tuple[str, ...]] = {"tiny_scenes": ("vtc.models.tiny", "vtc.models.tiny.scenes")}
+_LAZY: dict[str, tuple[str, ...]] = {"tiny_scenes": ("vtc.models.tiny", "vtc.models.tiny.datasets", "vtc.models.tiny.scenes")}
 
 
 # ----------------------------------------------------------------------------- easy-VQA
@@ -173,5 +174,5 @@ def _jsonl_question(line: str, lineno: int, root: Path, fname: str) -> Question:
     img = Path(rec["image"])
     meta = {k: v for k, v in rec.items() if k not in ("id", "question_id", "image", "question", "answers", "answer",
                                                        "question_type", "qtype")}
-    return Question(qid=qid, image=str(img if img.is_absolute() else root / img), question=rec["question"],
+    return Question(qid=qid, image=os.path.normpath(img if img.is_absolute() else root / img), question=rec["question"],
                     answers=[str(a) for a in answers], qtype=rec.get("question_type", rec.get("qtype")), meta=meta)

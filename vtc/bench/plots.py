@@ -1,7 +1,8 @@
 """PNG plots of a bench run: accuracy vs visual tokens and accuracy vs TFLOPs, one line per method.
 
 One figure pair per (model, task). Each method's cells are joined in order of their x value; the
-uncompressed baseline is a star with a dashed horizontal line at its score. matplotlib runs on
+uncompressed baseline is a star with a dashed horizontal line at its score; a method whose pipeline
+could not be attached (it ran uncompressed) is drawn hollow and flagged in the legend. matplotlib runs on
 the non-interactive Agg backend, so plotting works on machines without a display.
 """
 
@@ -45,15 +46,20 @@ def plot_run(summaries: Sequence[Mapping[str, Any]], out_dir: str | Path) -> lis
         for key, (suffix, label) in AXES.items():
             fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
             methods: dict[str, list[tuple[float, float]]] = {}
+            unapplied = set()
             for s in items:
                 if _ok(s.get(key)) and _ok(s.get("score")):
                     methods.setdefault(s["method"], []).append((float(s[key]), float(s["score"])))
+                    if s.get("applied") == "no":
+                        unapplied.add(s["method"])
             for method, pts in sorted(methods.items()):
                 pts.sort()
                 xs, ys = zip(*pts)
                 if method == "baseline":
-                    ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=3, label="uncompressed")
-                    ax.axhline(ys[0], color="black", linestyle="--", linewidth=0.8)
+                    ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=1, label="uncompressed")
+                    ax.axhline(ys[0], color="black", linestyle="--", linewidth=0.8, zorder=1)
+                elif method in unapplied:  # ran uncompressed: hollow markers, flagged in the legend
+                    ax.plot(xs, ys, marker="o", linestyle=":", markerfacecolor="none", label=f"{method} (not applied)")
                 else:
                     ax.plot(xs, ys, marker="o", label=method)
             ax.set_xlabel(label)

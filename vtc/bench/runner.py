@@ -91,6 +91,8 @@ class Runner:
     def run(self) -> Path:
         ctx = dist.context()
         cells = self._cells = self.config.cells()
+        for cell in cells:  # a missing task file fails now, not after hours of other cells
+            self.questions(cell.task, cell.selection)
         if ctx.main:
             (self.dir / "cells").mkdir(parents=True, exist_ok=True)
             import yaml
