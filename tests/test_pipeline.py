@@ -272,5 +272,6 @@ def test_allocator_hands_off_across_stages(alloc):
 
 
 def test_pipeline_rejects_non_operators():
-    with pytest.raises((ConfigError, TypeError)):
-        Pipeline([torch.nn.Identity()])
+    for bad in (torch.nn.Identity(), "divprune:keep=3", {"op": "divprune"}):
+        with pytest.raises(ConfigError, match="vtc operators"):
+            Pipeline([bad])
