@@ -35,6 +35,8 @@ def test_hash_tracks_what_changes_answers(jsonl_task, tmp_path):
     assert ids(limit=3) != same and ids(stratify="qtype", limit=3) != ids(limit=3)
     assert ids(pipelines=[{"pipeline": [{"op": "divprune", "keep": "{budget}"}]}])[1] == same[1]  # same pipeline, other form
     assert ids(models=[{"name": "tiny", "source": "random-llava", "dtype": "bfloat16"}]) != same
+    with_options = ids(pipelines=[{"pipeline": "divprune:keep={budget}", "apply": {"position_ids": "original"}}])
+    assert with_options[0] == same[0] and with_options[1] != same[1]  # vtc.apply options change answers
 
 
 @pytest.mark.parametrize("change, match", [

@@ -54,7 +54,10 @@ def test_end_to_end_through_the_cli(tmp_path, jsonl_task, capsys):
             assert r["hash"] in r["cell"]
     assert all(r["kept_tokens"] == 576 for r in base if not r["error"])
     assert all(r["applied"] is HAS_INTEGRATION for r in pruned)
-    if not HAS_INTEGRATION:  # ran uncompressed: same answers, same tokens, marked applied=false
+    if HAS_INTEGRATION:
+        assert all(r["kept_tokens"] == 64 for r in pruned if not r["error"])
+        assert all(p["flops"]["prefill"] < b["flops"]["prefill"] for p, b in zip(pruned, base) if not p["error"])
+    else:  # ran uncompressed: same answers, same tokens, marked applied=false
         assert [r["prediction"] for r in pruned] == [r["prediction"] for r in base]
         assert all(r["kept_tokens"] == 576 for r in pruned if not r["error"])
 
@@ -122,11 +125,14 @@ def test_apply_seam_uses_the_handle(tmp_path, jsonl_task, monkeypatch):
             events.append("removed")
 
     fake = types.ModuleType("vtc.integrations")
-    fake.apply = lambda model, pipeline: events.append("applied") or Handle(model, pipeline)
+    fake.apply = lambda model, pipeline, **options: events.append(("applied", options)) or Handle(model, pipeline)
     monkeypatch.setitem(sys.modules, "vtc.integrations", fake)
     out = tmp_path / "run"
-    run(load_config(tiny_config(jsonl_task, out, budgets=[64, 128])), progress=False)
-    assert events == ["applied", "removed"] * 2
+    pipes = [{"name": "divprune", "pipeline": "divprune:keep={budget}", "apply": {"position_ids": "original"}}]
+    run(load_config(tiny_config(jsonl_task, out, budgets=[64, 128], pipelines=pipes)), progress=False)
+    # every pipeline is attached once up front (fail fast), then once per cell; always removed
+    applied = ("applied", {"position_ids": "original"})
+    assert events == [applied, "removed"] * 4
     base = {r["qid"]: r for r in _rows(out, "baseline") if not r["error"]}
     for keep in (64, 128):
         rows = [r for r in _rows(out, f"divprune-{keep}") if not r["error"]]
@@ -134,6 +140,14 @@ def test_apply_seam_uses_the_handle(tmp_path, jsonl_task, monkeypatch):
         for r in rows:
             b = base[r["qid"]]["flops"]
             assert r["flops"]["ops"] > 0 and r["flops"]["prefill"] < b["prefill"] and r["flops"]["vision"] == b["vision"]
+
+
+def test_kept_tokens_from_the_handle_report():
+    from vtc.bench.attach import Attachment
+
+    handle = types.SimpleNamespace(last=types.SimpleNamespace(counts=[64, 70]))
+    assert Attachment(pipeline=None, handle=handle, applied=True).kept_tokens() == [64, 70]
+    assert Attachment(pipeline=None, handle=types.SimpleNamespace(last=None), applied=True).kept_tokens() is None
 
 
 def test_a_question_failing_alone_becomes_an_error_row(tmp_path):

@@ -38,7 +38,11 @@ class Attachment:
     note: str = ""
 
     def kept_tokens(self) -> list[int] | None:
-        """Per-row kept visual tokens of the last forward, if the handle exposes them."""
+        """Per-row kept visual tokens of the last prefill, if the handle reports them (``handle.last.counts``)."""
+        last = getattr(self.handle, "last", None)
+        counts = getattr(last, "counts", None)
+        if counts is not None:
+            return [int(v) for v in counts]
         for name in ("kept_tokens", "last_kept", "kept"):
             val = getattr(self.handle, name, None)
             if callable(val):
@@ -52,8 +56,11 @@ _warned: set[str] = set()
 
 
 @contextmanager
-def attached(model: nn.Module, pipeline: Any) -> Iterator[Attachment]:
-    """Attach ``pipeline`` (a built :class:`vtc.Pipeline`, or None for the baseline) to ``model``."""
+def attached(model: nn.Module, pipeline: Any, **options: Any) -> Iterator[Attachment]:
+    """Attach ``pipeline`` (a built :class:`vtc.Pipeline`, or None for the baseline) to ``model``.
+
+    ``options`` go to ``vtc.apply`` (``position_ids``, LLaVA-NeXT ``newline`` / ``llm_view``, ...).
+    """
     if pipeline is None or len(pipeline) == 0:
         yield Attachment(pipeline=None, applied=True, note="uncompressed")
         return
@@ -66,7 +73,7 @@ def attached(model: nn.Module, pipeline: Any) -> Iterator[Attachment]:
             _warned.add(note)
         yield Attachment(pipeline=pipeline, applied=False, note=note)
         return
-    handle = apply(model, pipeline)
+    handle = apply(model, pipeline, **options)
     try:
         yield Attachment(pipeline=pipeline, handle=handle, applied=True)
     finally:

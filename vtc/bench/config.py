@@ -12,6 +12,7 @@
       - divprune:keep={budget}
       - {name: cls+tome, pipeline: "vtc-cls:keep=192 | tome:keep={budget}"}
       - {name: m3, pipeline: "m3:keep={budget}", budgets: [36, 144]}
+      - {name: divprune-orig-pos, pipeline: "divprune:keep={budget}", apply: {position_ids: original}}
     budgets: [64, 128, 192]
     baseline: true                # the uncompressed model, once per model x task
     batch_size: 8
@@ -81,16 +82,19 @@ class PipelineSpec:
     name: str
     template: Any
     budgets: list[int | float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of vtc.apply
 
     @classmethod
     def parse(cls, entry: Any, budgets: list[int] | None) -> PipelineSpec:
+        options: dict[str, Any] = {}
         if isinstance(entry, str):
             template, name, own = entry, None, None
         elif isinstance(entry, Mapping):
-            unknown = set(entry) - {"name", "pipeline", "budgets"}
+            unknown = set(entry) - {"name", "pipeline", "budgets", "apply"}
             if "pipeline" not in entry or unknown:
-                raise ConfigError(f"a pipelines entry is a string or {{name, pipeline, budgets}}, got {dict(entry)!r}")
+                raise ConfigError(f"a pipelines entry is a string or {{name, pipeline, budgets, apply}}, got {dict(entry)!r}")
             template, name, own = entry["pipeline"], entry.get("name"), entry.get("budgets")
+            options = dict(entry.get("apply") or {})
         else:
             raise ConfigError(f"a pipelines entry is a string or a mapping, got {entry!r}")
         if name is None:
@@ -102,11 +106,11 @@ class PipelineSpec:
         if name == BASELINE:
             raise ConfigError(f"{BASELINE!r} is reserved for the uncompressed model; rename the pipeline")
         if not _has_placeholder(template):
-            return cls(name=name, template=template, budgets=None)
+            return cls(name=name, template=template, budgets=None, options=options)
         use = own if own is not None else budgets
         if not use:
             raise ConfigError(f"pipeline {name!r} has a {{budget}} placeholder but no budgets are given")
-        return cls(name=name, template=template, budgets=[_number(b) for b in use])
+        return cls(name=name, template=template, budgets=[_number(b) for b in use], options=options)
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Cell:
     budget: int | float | None
     pipeline_spec: Any  # None for the baseline
     selection: dict[str, Any] = field(default_factory=dict)
+    apply_options: dict[str, Any] = field(default_factory=dict)
 
     def pipeline(self):
         """The built :class:`vtc.Pipeline` (None for the baseline)."""
@@ -131,7 +136,8 @@ class Cell:
     def spec(self) -> dict[str, Any]:
         pipe = self.pipeline()
         return {"model": self.model.spec(), "task": self.task.spec(), "method": self.method, "budget": self.budget,
-                "pipeline": pipe.spec() if pipe is not None else None, "selection": self.selection}
+                "pipeline": pipe.spec() if pipe is not None else None, "apply": self.apply_options,
+                "selection": self.selection}
 
     @property
     def hash(self) -> str:
@@ -175,7 +181,7 @@ class BenchConfig:
                     out.append(Cell(model, task, BASELINE, None, None, sel))
                 for p in self.pipelines:
                     for b in (p.budgets or [None]):
-                        out.append(Cell(model, task, p.name, b, _substitute(p.template, b), sel))
+                        out.append(Cell(model, task, p.name, b, _substitute(p.template, b), sel, p.options))
         ids = [c.id for c in out]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:

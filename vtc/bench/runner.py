@@ -109,6 +109,7 @@ class Runner:
                         states.clear()
                         clear_cache()
                     states[cell.model.name] = self._load(cell, ctx)
+                    self._check_attach(cell.model.name, states[cell.model.name])
                 self.run_cell(cell, states[cell.model.name], ctx)
             if ctx.main:
                 from vtc.bench.report import build_report
@@ -117,6 +118,14 @@ class Runner:
         finally:
             ctx.close()
         return self.dir
+
+    def _check_attach(self, model_name: str, state: _ModelState) -> None:
+        """Attach and remove every pipeline of the model once, so a pipeline the model cannot take
+        (missing taps, wrong options) fails before any cell runs."""
+        for cell in self._cells:
+            if cell.model.name == model_name and not cell.is_baseline:
+                with attached(state.model, cell.pipeline(), **cell.apply_options):
+                    pass
 
     def _device(self, cell: Cell, ctx: dist.DistContext) -> torch.device:
         return cell.model.resolved_device(ctx.local_rank)
@@ -148,7 +157,7 @@ class Runner:
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{cell.model.name} {cell.task.name} {cell.label}",
                        unit="q", dynamic_ncols=True)
         try:
-            with attached(state.model, pipeline) as att, PromptCounter(state.model) as counter:
+            with attached(state.model, pipeline, **cell.apply_options) as att, PromptCounter(state.model) as counter:
                 for bi, start in enumerate(range(0, len(todo), bs)):
                     batch = todo[start:start + bs]
                     rows = self.answer(cell, batch, state, att, counter, pipeline)
@@ -206,7 +215,7 @@ class Runner:
         if not picked:
             return None
         inputs = self._inputs(cell, picked, images, state)
-        with attached(state.model, pipeline) as att:
+        with attached(state.model, pipeline, **cell.apply_options) as att:
             out = profile(state.model, inputs, self.config.latency, pipeline=pipeline if att.applied else None)
         out["applied"] = att.applied
         return out
