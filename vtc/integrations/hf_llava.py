@@ -16,6 +16,8 @@ A forward's logits are over the compacted sequence; ``handle.last.positions`` ma
 The wrapper's signature hides ``mm_encoder_outputs``, so ``generate()`` does not pre-encode
 images with the stock ``get_image_features`` but hands ``pixel_values`` to the wrapped forward;
 pre-encoded image features reaching the wrapper raise an error instead of going uncompressed.
+Releases that still pass ``cache_position`` get it renumbered over the compacted cache. Tested
+with transformers 5.0.0, 5.12.1 and 5.23.0.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ class _LlavaCompressor:
             call["position_ids"] = plan.position_ids(kw.get("position_ids"), self.options.position_ids)
             call["labels"] = plan.labels(kw.get("labels"))
             positions = torch.where(plan.slot_valid, plan.src, torch.full_like(plan.src, -1))
+            if kw.get("cache_position") is not None:  # transformers releases that still pass it
+                call["cache_position"] = torch.arange(plan.length, device=kw["cache_position"].device)
         out = original(**call)
         if plan.changed:
             new_cache = getattr(out, "past_key_values", None)
@@ -227,6 +231,8 @@ class _LlavaCompressor:
         call = dict(kw)
         call["attention_mask"] = state.attention_mask(kw.get("attention_mask"), cache_len, q)
         call["position_ids"] = state.position_ids(kw.get("position_ids"), cache_len, q, x.device)
+        if kw.get("cache_position") is not None:
+            call["cache_position"] = torch.arange(cache_len, cache_len + q, device=kw["cache_position"].device)
         return original(**call)
 
     def __call__(self, original: Any, signature: inspect.Signature, args: tuple, kwargs: dict) -> Any:
