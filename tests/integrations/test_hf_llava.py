@@ -253,3 +253,18 @@ def test_divprune_on_llava_next_picks_from_the_stock_assembled_sequence(small_mo
     for b, feats in enumerate(stock):
         want = vtc.create("divprune", keep=20)(vtc.VisualTokens(x=feats[None])).x[0]
         torch.testing.assert_close(embeds[b][slots[b]], want)
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "original"])
+@torch.no_grad()
+def test_generate_without_cache_and_with_beams(small_models, photos, mode):
+    model, proc = small_models["llava"]
+    batch = proc(images=photos[:2], text=["<image> describe", "what is the <image> ?"], return_tensors="pt",
+                 padding=True)
+    with vtc.apply(model, "divprune:keep=10", position_ids=mode) as h:
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+        beams = model.generate(**batch, max_new_tokens=4, do_sample=False, num_beams=3)
+        assert h.last.counts == [10] * 6  # the beams' prefill was compressed too (2 images x 3 beams)
+    assert torch.equal(cached, uncached)  # every no-cache step recompresses the full prompt
+    assert beams.shape[0] == 2 and torch.equal(beams[:, : batch["input_ids"].shape[1]], batch["input_ids"])
