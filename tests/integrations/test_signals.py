@@ -18,8 +18,10 @@ import vtc
 
 
 class _Tap:
+    """Like vtc.taps.Tap: hooks record every forward until remove() (leaving ``with tap:`` removes too)."""
+
     def __init__(self, tower, requires):
-        self.signals, self._on, self._hooks = {}, False, []
+        self.signals, self._hooks = {}, []
         layers = getattr(tower, "vision_model", tower).encoder.layers
         for name, ls in requires.items():
             for l in ls:
@@ -28,16 +30,14 @@ class _Tap:
                     lambda _m, _a, out, name=name, l=l: self._record(name, l, out)))
 
     def _record(self, name, l, out):
-        if self._on:
-            h = out[0] if isinstance(out, tuple) else out
-            self.signals.setdefault(name, {})[l] = h[:, 1:, 0].detach()
+        h = out[0] if isinstance(out, tuple) else out
+        self.signals.setdefault(name, {})[l] = h[:, 1:, 0].detach()
 
     def __enter__(self):
-        self._on, self.signals = True, {}
         return self
 
     def __exit__(self, *exc):
-        self._on = False
+        self.remove()
 
     def remove(self):
         for h in self._hooks:
@@ -78,6 +78,8 @@ def test_vision_stage_operator_gets_the_taps_signals(setup, fake_taps):
     with vtc.apply(model, f"vtc-cls:keep={k},layers=[1]", newline="none", unpad=False) as h:
         assert _hooks(model) == hooks + 1  # the tap's hook on layer 1
         model(**batch)
+        model(**batch)  # the tap keeps recording on every forward
+        assert _hooks(model) == hooks + 1
     assert _hooks(model) == hooks  # remove() removed the tap
     for b, s in enumerate(scores):
         want = set(torch.topk(s.reshape(-1), k).indices.tolist())  # over all of the image's partitions

@@ -85,11 +85,7 @@ class VisualCompressor(nn.Module):
     def forward(self, pixel_values: Tensor) -> CompressedVisual:
         if self._tap is None and self.pipeline.requires:
             self._tap = open_tap(self.tower, self.pipeline.requires, f"the pipeline {self.pipeline}", self.prefix)
-        if self._tap is None:
-            feats = feature_tokens(self.tower, pixel_values, self.feature_layer, self.prefix)
-        else:
-            with self._tap:
-                feats = feature_tokens(self.tower, pixel_values, self.feature_layer, self.prefix)
+        feats = feature_tokens(self.tower, pixel_values, self.feature_layer, self.prefix)  # the tap records it
         tokens = tokens_from(feats, self._tap, self.pipeline.requires, self._layout(feats.shape[1]))
         return self.compress(feats, tokens)
 

@@ -102,12 +102,9 @@ class _LlavaCompressor:
 
     # ------------------------------------------------------------------ vision side
     def _features(self, pixel_values: Tensor, layer: Any, strategy: str) -> tuple[Tensor, Any]:
+        """Feature-layer patch tokens; the tap (attached until remove()) records this forward's signals."""
         drop = 1 if strategy == "default" else 0
-        if self.tap is None:
-            return feature_tokens(self.tower, pixel_values, layer, drop), None
-        with self.tap:
-            feats = feature_tokens(self.tower, pixel_values, layer, drop)
-        return feats, self.tap
+        return feature_tokens(self.tower, pixel_values, layer, drop), self.tap
 
     def encode(self, pixel_values: Tensor, image_sizes: Any, layer: Any, strategy: str) -> tuple[VisualTokens, list[int]]:
         """Compressed LLM-width tokens per image and the stock token count of each image."""

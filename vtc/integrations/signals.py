@@ -2,8 +2,9 @@
 
 A pipeline's ``requires`` (``{"cls_attn": [16, ..., 22], "keys": [22]}``) names the per-token
 signals its operators read. :func:`open_tap` checks up front that the tower can give them (a
-CLS-attention signal needs a CLS token: SigLIP has none) and attaches a ``vtc.taps`` tap, which
-records them while the tower runs. :func:`tokens_from` builds the
+CLS-attention signal needs a CLS token: SigLIP has none) and attaches a ``vtc.taps`` tap, whose
+hooks record them on every forward of the tower until ``tap.remove()`` (``tap.signals`` holds the
+latest forward's). :func:`tokens_from` builds the
 :class:`~vtc.tokens.VisualTokens` of the feature-layer patch tokens with the tap's signals.
 """
 
