@@ -92,3 +92,30 @@ def test_hf_tower_with_a_projector(llava, photos):
     assert out.x.shape == (2, 32, proj.shape[-1])
     for b in range(2):
         torch.testing.assert_close(out.x[b], proj[b, out.index[b]])
+
+
+def _cls_attention_reference(vit, pixels, layer):
+    """Head-mean post-softmax CLS->patch attention of ``blocks[layer]``, from its qkv projection."""
+    got = {}
+    h = vit.blocks[layer].attn.qkv.register_forward_hook(lambda _m, _a, out: got.__setitem__("qkv", out))
+    try:
+        vit.forward_features(pixels)
+    finally:
+        h.remove()
+    B, N, _ = got["qkv"].shape
+    heads = vit.blocks[layer].attn.num_heads
+    q, k, _ = got["qkv"].view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = vit.blocks[layer].attn.q_norm(q), vit.blocks[layer].attn.k_norm(k)
+    att = (q[:, :, :1] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)  # [B, H, 1, N]
+    return att[:, :, 0, 1:].mean(1)
+
+
+@torch.no_grad()
+def test_vision_stage_signals_from_a_timm_tower(vit, projector, pixels):
+    pytest.importorskip("vtc.taps", reason="vtc.taps is not on this branch yet")
+    comp = VisualCompressor(vit, projector, "vtc-cls:keep=8,layers=[2]")
+    out = comp(pixels)
+    want = torch.topk(_cls_attention_reference(vit, pixels, 2), 8).indices.sort(1).values
+    assert torch.equal(out.index, want)
+    comp.remove()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in vit.modules())

@@ -99,3 +99,36 @@ def test_a_tap_error_leaves_the_model_untouched(llava, monkeypatch):
     with pytest.raises(vtc.errors.TapError, match="out of range"):
         vtc.apply(model, "vtc-cls:keep=8,layers=[99]")
     assert "forward" not in model.__dict__
+
+
+@torch.no_grad()
+def test_real_taps_feed_vtc_cls_on_every_partition(small_models, photos):
+    """With vtc.taps: vtc-cls through vtc.apply keeps the top-k of an independent CLS-attention reference."""
+    pytest.importorskip("vtc.taps", reason="vtc.taps is not on this branch yet")
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    model, proc = small_models["llava_next"]
+    batch = proc(images=photos[:2], text=["<image> describe", "what is the <image> ?"], return_tensors="pt",
+                 padding=True)
+    cfg = model.config
+    parts = [image_size_to_num_patches(s.tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+             for s in batch["image_sizes"]]
+    pv = torch.cat([batch["pixel_values"][i, :p] for i, p in enumerate(parts)])
+    attn = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower).encoder.layers[2].self_attn
+    got = {}
+    hooks = [attn.q_proj.register_forward_hook(lambda _m, _a, o: got.__setitem__("q", o)),
+             attn.k_proj.register_forward_hook(lambda _m, _a, o: got.__setitem__("k", o))]
+    try:
+        model.model.vision_tower(pv)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    T, N, D = got["k"].shape
+    H = attn.num_heads
+    q = got["q"][:, :1].view(T, 1, H, -1).transpose(1, 2)
+    k = got["k"].view(T, N, H, -1).transpose(1, 2)
+    ref = ((q @ k.transpose(-1, -2)) * (D // H) ** -0.5).softmax(-1)[:, :, 0, 1:].mean(1)  # [T, patches]
+    with vtc.apply(model, "vtc-cls:keep=12,layers=[2]", newline="none", unpad=False) as h:
+        model(**batch)
+    for b, s in enumerate(torch.split(ref, parts)):
+        assert set(h.last.index[b].tolist()) == set(torch.topk(s.reshape(-1), 12).indices.tolist())
