@@ -20,7 +20,6 @@ grid, as LLaVA-NeXT-M3 assembles. Everything here is pure torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -218,19 +217,3 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         signals={k: {l: pick(t, 0.0) for l, t in v.items()} for k, v in tokens.signals.items()},
         budget=tokens.budget,
     )
-
-
-def newline_count(layout: Layout, policy: str) -> int:
-    """Newline tokens a complete (unpruned) image gets under ``policy`` (for checks and docs)."""
-    (h, w) = layout.grids[0]
-    nh, nw = layout.anyres
-    if policy == "none":
-        return 0
-    if policy == "all_rows":
-        return nh * h
-    r0, r1, _, _ = unpad_bounds(nh * h, nw * w, layout.image_size)
-    return r1 - r0
-
-
-def is_square(n: int) -> bool:
-    return n > 0 and math.isqrt(n) ** 2 == n
