@@ -90,7 +90,7 @@ class _LlavaCompressor:
         self.grid = (vc.image_size // vc.patch_size, vc.image_size // vc.patch_size)
         self.text_width = cfg.text_config.hidden_size
         self.has_vision_ops = any(op.stage == "vision" for op in pipeline)
-        self.replaces = replaces_projector(pipeline)
+        replaces_projector(pipeline)  # a misplaced projector-replacing operator fails here, not at the first call
         self.requires = pipeline.requires
         self.tap = open_tap(self.tower, self.requires, who=f"the pipeline {pipeline}")
         if self.tap is not None:
