@@ -15,9 +15,10 @@ import vtc
 from vtc import Layout, VisualTokens
 from vtc.errors import BudgetError, ConfigError, LayoutError, SignalError
 
-# (nH, nW, patch side, original (height, width)): unpadding removes rows, rows, columns, rows,
-# nothing, rows
+# (nH, nW, patch side, original (height, width)): unpadding removes columns, rows, rows, columns,
+# rows, nothing, rows; 3x1 on 8x8 has 64 thumbnail tokens for 3 chunks (the official reshape fails)
 CASES = [
+    (3, 1, 8, (200, 50)),
     (2, 2, 8, (100, 160)),
     (1, 2, 8, (60, 160)),
     (2, 1, 8, (200, 70)),
@@ -93,8 +94,8 @@ def ref_hired(c0, c22, nh, nw, side, image_size, *, rate=0.2, alpha=0.5, keep=No
         cnt = [0] * C
         for t in ref_topk(c0[0], k_sp):
             i, j = divmod(t, side)
-            if official:  # m.reshape(nH, nW, N // C): contiguous raster chunks
-                region = t // (N // C)
+            if official:  # m.reshape(nH, nW, N // C): contiguous raster chunks (vtc: t*C//N when
+                region = t // (N // C) if N % C == 0 else t * C // N  # C does not divide N)
             else:  # centre of the thumbnail cell on the unpadded crop grid
                 y = r0 + Fraction(2 * i + 1, 2 * side) * (r1 - r0)
                 x = q0 + Fraction(2 * j + 1, 2 * side) * (q1 - q0)
