@@ -232,7 +232,10 @@ def emit(tokens: VisualTokens, dense: DenseParts, keep: Tensor, base_rank: Tenso
 
 
 def drop_padding(tokens: VisualTokens, dense: DenseParts) -> VisualTokens:
-    """The tokens without the crop cells that LLaVA-NeXT's unpad removes (order kept)."""
+    """The tokens without the crop cells that LLaVA-NeXT's unpad removes (order kept), with
+    ``group`` set from ``index`` if it was missing (a selector splits partitions by ``group``)."""
+    if tokens.group is None:
+        tokens = tokens.replace(group=torch.where(tokens.valid, tokens.index // (dense.h * dense.w), 0))
     B, N = tokens.x.shape[:2]
     drop = dense.present & ~dense.inside
     if not bool(drop.any()):

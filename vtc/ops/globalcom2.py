@@ -34,8 +34,8 @@ depend on the features, so the choice is the same).
 ``compat="clean"``: thumbnail tokens in raster order; crop regions are geometric and unpad-aware
 (thumbnail token ``(i, j)``'s centre is mapped onto the unpadded crop grid, as in ``hired``'s clean
 mode; for LLaVA-NeXT's 24x24 grids without unpadding this equals the official tiles); standard
-LLaVA-NeXT newlines, one per unpadded row (``newline_policy = "rows"``). Scores, scales and budgets
-are otherwise the official ones.
+LLaVA-NeXT newlines (``newline_policy = None``: no preference, the integration's default).
+Scores, scales and budgets are otherwise the official ones.
 
 Single partition (LLaVA-1.5): the official single-image path is broken (``encode_images``
 returns a tuple), so vtc applies step 1 alone: keep the top ``int(N*rho)`` tokens by the logits,
@@ -92,9 +92,10 @@ class GlobalCom2(Allocator):
         return {"cls_logits": [self.config.layer]}
 
     @property
-    def newline_policy(self) -> str:
-        """``"all_rows"`` (official: a newline on each of the nH*h grid rows) or ``"rows"`` (clean)."""
-        return "all_rows" if self.config.compat == "official" else "rows"
+    def newline_policy(self) -> str | None:
+        """``"all_rows"`` (official: a newline on each of the nH*h grid rows, unpadded or not) or None
+        (clean: no preference, standard LLaVA-NeXT newlines)."""
+        return "all_rows" if self.config.compat == "official" else None
 
     # ------------------------------------------------------------------ scoring
     def _regions(self, dense: DenseParts) -> Tensor:
