@@ -13,7 +13,7 @@ import torch
 
 import vtc
 from vtc import Layout, VisualTokens
-from vtc.errors import BudgetError, ConfigError, LayoutError, SignalError
+from vtc.errors import BudgetError, ConfigError, InputError, LayoutError, SignalError
 
 # (nH, nW, patch side, original (height, width)): unpadding removes columns, rows, rows, columns,
 # rows, nothing, rows; 3x1 on 8x8 has 64 thumbnail tokens for 3 chunks (the official reshape fails)
@@ -303,6 +303,17 @@ def test_errors_say_what_to_do():
         vtc.create("hired", alpha=1.5)
     with pytest.raises(ConfigError):
         vtc.build("hired:compat=paper")
+
+
+def test_nan_signal_and_config_round_trip():
+    tok = make_tokens(2, 2, 8, (80, 80))
+    bad = tok.signals["cls_attn"][0].clone()
+    bad[0, 5] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        vtc.create("hired")(tok.replace(signals={"cls_attn": {0: bad, 22: tok.signals["cls_attn"][22]}}))
+    pipe = vtc.build("hired:ratio=0.3,alpha=0.4,compat=clean | divprune")
+    assert vtc.build(pipe.spec()) == pipe == vtc.build(str(pipe))
+    assert str(vtc.build("hired")) == "hired"
 
 
 def test_newline_policy():

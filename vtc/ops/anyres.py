@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtc.errors import LayoutError, SignalError
+from vtc.errors import InputError, LayoutError, SignalError
 from vtc.ops.selection import descending_order, mask_from_order
 from vtc.tokens import Layout, VisualTokens
 
@@ -201,7 +201,11 @@ def dense_signal(tokens: VisualTokens, dense: DenseParts, name: str, layer: int,
     if s.dim() != 2:
         raise SignalError(f"{op} needs signals[{name!r}][{layer}] of shape [B, N] (one value per token), "
                           f"got {tuple(s.shape)}")
-    return dense.scatter(s.to(torch.float64))
+    out = dense.scatter(s.to(torch.float64))
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(f"{op}: signals[{name!r}][{layer}] holds NaN/Inf; check the vision tower's dtype "
+                         "(fp16 overflow) and the tap that recorded it")
+    return out
 
 
 def top_cells(scores: Tensor, allowed: Tensor, k: Tensor) -> Tensor:
