@@ -217,6 +217,27 @@ def top_cells(scores: Tensor, allowed: Tensor, k: Tensor) -> Tensor:
     return mask_from_order(order, kk).view(B, P, M)
 
 
+def at_least_one(budget: Tensor) -> Tensor:
+    """``budget`` ``[B, P]`` with the base's budget raised to 1 where an image's budgets are all 0."""
+    empty = budget.sum(1) == 0
+    if not bool(empty.any()):
+        return budget
+    out = budget.clone()
+    out[:, 0] = torch.where(empty, torch.ones_like(out[:, 0]), out[:, 0])
+    return out
+
+
+def keep_base_top1_if_empty(keep: Tensor, base_scores: Tensor) -> Tensor:
+    """``keep`` ``[B, P, M]`` where an image that keeps nothing keeps its base's top cell instead."""
+    empty = ~keep.flatten(1).any(1)
+    if not bool(empty.any()):
+        return keep
+    out = keep.clone()
+    top = descending_order(base_scores)[:, 0]
+    out[empty.nonzero().squeeze(1), 0, top[empty]] = True
+    return out
+
+
 def emit(tokens: VisualTokens, dense: DenseParts, keep: Tensor, base_rank: Tensor) -> VisualTokens:
     """Keep the cells ``keep`` ``[B, P, h*w]``: the base's cells ordered by ``base_rank`` ``[B, h*w]``,
     then every crop's cells in the raster order of the assembled crop grid (LLaVA-NeXT's order)."""

@@ -38,8 +38,9 @@ LLaVA-NeXT newlines (``newline_policy = None``: no preference, the integration's
 Scores, scales and budgets are otherwise the official ones.
 
 Single partition (LLaVA-1.5): the official single-image path is broken (``encode_images``
-returns a tuple), so vtc applies step 1 alone: keep the top ``int(N*rho)`` tokens by the logits,
-in descending-score order (official) or raster order (clean).
+returns a tuple), so vtc applies step 1 alone: keep the top ``int(N*rho)`` tokens (at least 1) by
+the logits, in descending-score order (official) or raster order (clean). An AnyRes image whose
+budgets all round down to 0 (tiny grids only) keeps the thumbnail's top token.
 
 As an allocator in a pipeline (``"globalcom2 | divprune"``) it only writes the per-partition
 ``budget`` (``int(N*rho)`` for the thumbnail, ``int(N_r*scale_r)`` per crop) and drops the crop
@@ -56,7 +57,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
-from vtc.ops.anyres import DenseParts, dense_parts, dense_signal, drop_padding, emit, is_anyres, top_cells
+from vtc.ops.anyres import (
+    DenseParts,
+    at_least_one,
+    dense_parts,
+    dense_signal,
+    drop_padding,
+    emit,
+    is_anyres,
+    top_cells,
+)
 from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.selection import descending_order, keep_top
 from vtc.registry import register
@@ -157,10 +167,11 @@ class GlobalCom2(Allocator):
         score = (loc / loc.norm(dim=2, keepdim=True).clamp_min(tiny)
                  + glob / glob.norm(dim=2, keepdim=True).clamp_min(tiny))
         k0 = torch.full((s.shape[0], 1), int(N * self.config.ratio), device=s.device)
-        return torch.cat([s0.unsqueeze(1), score], 1), torch.cat([k0, k], 1), allowed
+        return torch.cat([s0.unsqueeze(1), score], 1), at_least_one(torch.cat([k0, k], 1)), allowed
 
     # ------------------------------------------------------------------ operator API
     def allocate(self, tokens: VisualTokens) -> VisualTokens:
+        tokens.check_finite(f"operator {self.name!r}")
         if not is_anyres(tokens, self.name):
             return tokens.replace(budget=self._single_k(tokens).unsqueeze(1))
         dense = dense_parts(tokens, self.name)
@@ -168,6 +179,7 @@ class GlobalCom2(Allocator):
         return drop_padding(tokens, dense).replace(budget=budget)
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
+        tokens.check_finite(f"operator {self.name!r}")
         official = self.config.compat == "official"
         if not is_anyres(tokens, self.name):
             s = tokens.signal("cls_logits", self.config.layer, op=f"operator {self.name!r}").to(torch.float64)
@@ -186,4 +198,5 @@ class GlobalCom2(Allocator):
         return emit(tokens, dense, keep, rank)
 
     def _single_k(self, tokens: VisualTokens) -> Tensor:
-        return (tokens.counts.to(torch.float64) * self.config.ratio).floor().long()
+        n = tokens.counts
+        return torch.minimum((n.to(torch.float64) * self.config.ratio).floor().long().clamp_min(1), n)

@@ -42,13 +42,15 @@ token that survives the unpad is kept).
 - crops rank only the tokens that survive the unpad, so the whole budget reaches the LM;
 - standard LLaVA-NeXT newlines (``newline_policy = None``: no preference, the integration's default).
 
-Guards (both modes; the official code crashes or divides by zero): when no spatial token is
-counted (``alpha=1`` or ``spatial_k=0``), ``B_sub`` is split equally (floored in official mode);
-budgets below the number of partitions and crops with budget 0 keep nothing from those crops.
+Guards (both modes; the official code crashes, divides by zero or returns no token): when no
+spatial token is counted (``alpha=1`` or ``spatial_k=0``), ``B_sub`` is split equally (floored in
+official mode); crops whose budget is 0 keep nothing; an image never loses every token: when all
+its budgets round down to 0 (a budget below the number of partitions) or every pick falls in
+padding, it keeps the thumbnail's top token.
 
 Single partition (LLaVA-1.5, the official ``modeling_llava.py`` variant): keep the top
-``min(N, int(N*ratio))`` (or ``keep``) tokens by layer-``bottom_layer`` CLS attention, in raster
-order; ``alpha`` and ``top_layer`` are unused.
+``min(N, int(N*ratio))`` (or ``keep``; at least 1) tokens by layer-``bottom_layer`` CLS attention,
+in raster order; ``alpha`` and ``top_layer`` are unused.
 
 As an allocator in a pipeline (``"hired:ratio=0.2 | divprune"``) HiRED only writes the
 per-partition ``budget`` (and drops the crop tokens the unpad removes, capping each crop's budget
@@ -64,7 +66,17 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError, LayoutError
-from vtc.ops.anyres import DenseParts, dense_parts, dense_signal, drop_padding, emit, is_anyres, top_cells
+from vtc.ops.anyres import (
+    DenseParts,
+    at_least_one,
+    dense_parts,
+    dense_signal,
+    drop_padding,
+    emit,
+    is_anyres,
+    keep_base_top1_if_empty,
+    top_cells,
+)
 from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.budgets import apportion
 from vtc.ops.selection import descending_order, keep_top, mask_from_order
@@ -183,10 +195,11 @@ class HiRED(Allocator):
         else:
             crop_b = apportion(cnt, b_sub_t, inside_crops)
         crop_b = torch.where(crops_exist & (b_sub_t > 0).unsqueeze(1), crop_b, torch.zeros_like(crop_b))
-        return torch.cat([torch.tensor(b_full, device=dev).unsqueeze(1), crop_b], 1)
+        return at_least_one(torch.cat([torch.tensor(b_full, device=dev).unsqueeze(1), crop_b], 1))
 
     # ------------------------------------------------------------------ operator API
     def allocate(self, tokens: VisualTokens) -> VisualTokens:
+        tokens.check_finite(f"operator {self.name!r}")
         if not is_anyres(tokens, self.name):
             k = self._single_k(tokens)
             return tokens.replace(budget=k.unsqueeze(1))
@@ -195,9 +208,10 @@ class HiRED(Allocator):
         budget = self._budgets(tokens, dense)
         left = (dense.inside & dense.present).sum(2)
         out = drop_padding(tokens, dense)
-        return out.replace(budget=torch.minimum(budget, left))
+        return out.replace(budget=at_least_one(torch.minimum(budget, left)))
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
+        tokens.check_finite(f"operator {self.name!r}")
         if not is_anyres(tokens, self.name):
             scores = tokens.signal("cls_attn", self.config.bottom_layer, op=f"operator {self.name!r}")
             return keep_top(tokens, scores.to(torch.float64), self._single_k(tokens)).replace(budget=None)
@@ -219,7 +233,7 @@ class HiRED(Allocator):
         if self._disabled():  # ratio=1: the method is off, every token the unpad leaves is kept
             keep = allowed & dense.inside
         else:
-            keep = top_cells(c_bot, allowed, budget) & dense.inside
+            keep = keep_base_top1_if_empty(top_cells(c_bot, allowed, budget) & dense.inside, c_bot[:, 0])
         raster = torch.arange(dense.h * dense.w, device=tokens.device).expand(tokens.batch_size, -1)
         return emit(tokens, dense, keep, raster)
 
@@ -227,5 +241,5 @@ class HiRED(Allocator):
         n = tokens.counts
         if self._disabled():
             return n
-        return torch.tensor([min(self._total(int(c)), int(c)) for c in n.tolist()], device=tokens.device)
+        return torch.tensor([min(max(self._total(int(c)), 1), int(c)) for c in n.tolist()], device=tokens.device)
 
