@@ -278,6 +278,19 @@ def test_budget_below_partition_count(compat):
         assert counts_per_group(out, 5) == b.tolist()  # no unpadding here: budgets are exact
 
 
+def test_an_image_is_never_emptied():
+    """keep=1: B_full = int(0.5) = 0 and B_sub = 1 floors to 0 in every crop whose chunk holds a
+    share < 1 of the spatial tokens; the official code then returns no token, vtc keeps the
+    thumbnail's top one."""
+    tok = make_tokens(2, 2, 8, (80, 80), seed=9)
+    op = vtc.create("hired", keep=1)
+    assert op.allocate(tok).budget[0].tolist() == [1, 0, 0, 0, 0]
+    top = max(range(64), key=lambda t: tok.signals["cls_attn"][22][0, t].item())
+    assert op(tok).index.tolist() == [[top]]
+    single = VisualTokens(x=torch.randn(1, 4, 2), signals={"cls_attn": {22: torch.tensor([[0.1, 0.5, 0.2, 0.2]])}})
+    assert vtc.create("hired")(single).index.tolist() == [[1]]  # int(4*0.2) = 0 -> 1
+
+
 def test_errors_say_what_to_do():
     tok = make_tokens(2, 2, 8, (100, 160))
     no_size = tok.replace(layout=Layout.for_anyres(8, (2, 2)))
