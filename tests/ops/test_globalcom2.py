@@ -220,7 +220,7 @@ def test_errors_and_newline_policy():
     with pytest.raises(ConfigError):
         vtc.create("globalcom2", ratio=0)
     assert vtc.create("globalcom2").newline_policy == "all_rows"
-    assert vtc.create("globalcom2", compat="clean").newline_policy is None
+    assert vtc.create("globalcom2", compat="clean").newline_policy == "rows"
     # padding tokens already removed: same answer (GlobalCom² never ranks them)
     no_pad = vtc.create("globalcom2").allocate(tok).replace(budget=None)
     assert vtc.create("globalcom2")(no_pad).index.tolist() == vtc.create("globalcom2")(tok).index.tolist()

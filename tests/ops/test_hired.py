@@ -331,7 +331,7 @@ def test_nan_signal_and_config_round_trip():
 
 def test_newline_policy():
     assert vtc.create("hired").newline_policy == "none"
-    assert vtc.create("hired", compat="clean").newline_policy is None
+    assert vtc.create("hired", compat="clean").newline_policy == "rows"
 
 
 # ---------------------------------------------------------------------- batches and pipelines

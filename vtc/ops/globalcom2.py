@@ -34,7 +34,7 @@ depend on the features, so the choice is the same).
 ``compat="clean"``: thumbnail tokens in raster order; crop regions are geometric and unpad-aware
 (thumbnail token ``(i, j)``'s centre is mapped onto the unpadded crop grid, as in ``hired``'s clean
 mode; for LLaVA-NeXT's 24x24 grids without unpadding this equals the official tiles); standard
-LLaVA-NeXT newlines (``newline_policy = None``: no preference, the integration's default).
+LLaVA-NeXT newlines (``newline_policy = "rows"``: one after each unpadded row that holds tokens).
 Scores, scales and budgets are otherwise the official ones.
 
 Single partition (LLaVA-1.5): the official single-image path is broken (``encode_images``
@@ -102,10 +102,10 @@ class GlobalCom2(Allocator):
         return {"cls_logits": [self.config.layer]}
 
     @property
-    def newline_policy(self) -> str | None:
-        """``"all_rows"`` (official: a newline on each of the nH*h grid rows, unpadded or not) or None
-        (clean: no preference, standard LLaVA-NeXT newlines)."""
-        return "all_rows" if self.config.compat == "official" else None
+    def newline_policy(self) -> str:
+        """``"all_rows"`` (official: a newline on each of the nH*h grid rows, unpadded or not) or
+        ``"rows"`` (clean: standard LLaVA-NeXT newlines)."""
+        return "all_rows" if self.config.compat == "official" else "rows"
 
     # ------------------------------------------------------------------ scoring
     def _regions(self, dense: DenseParts) -> Tensor:

@@ -40,7 +40,7 @@ token that survives the unpad is kept).
 - ``spatial_k`` defaults to ``N // 2`` (288 for 576: the official value at ``alpha=0.5``), so
   ``alpha`` only sets the thumbnail share;
 - crops rank only the tokens that survive the unpad, so the whole budget reaches the LM;
-- standard LLaVA-NeXT newlines (``newline_policy = None``: no preference, the integration's default).
+- standard LLaVA-NeXT newlines (``newline_policy = "rows"``: one after each unpadded row that holds tokens).
 
 Guards (both modes; the official code crashes, divides by zero or returns no token): when no
 spatial token is counted (``alpha=1`` or ``spatial_k=0``), ``B_sub`` is split equally (floored in
@@ -124,9 +124,9 @@ class HiRED(Allocator):
         return {"cls_attn": sorted({self.config.top_layer, self.config.bottom_layer})}
 
     @property
-    def newline_policy(self) -> str | None:
-        """``"none"`` (official: HiRED emits no newline tokens) or None (clean: standard LLaVA-NeXT newlines)."""
-        return "none" if self.config.compat == "official" else None
+    def newline_policy(self) -> str:
+        """``"none"`` (official: HiRED emits no newline tokens) or ``"rows"`` (clean: standard LLaVA-NeXT)."""
+        return "none" if self.config.compat == "official" else "rows"
 
     # ------------------------------------------------------------------ budgets
     def _total(self, n: int) -> int:
