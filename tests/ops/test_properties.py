@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vtc
+from vtc import Layout
 from vtc.errors import InputError, SignalError
 from vtc.registry import get_op
 
@@ -85,9 +86,18 @@ def cases(draw):
                 size=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
+def as_anyres(t, h, parts):
+    """Allocators (hired, globalcom2) split budgets over LLaVA-NeXT AnyRes crops: give ``parts``
+    complete partitions an AnyRes layout (base + a 1 x (parts-1) crop grid, nothing unpadded)."""
+    return t.replace(layout=Layout.for_anyres(h, (1, parts - 1), image_size=(h, (parts - 1) * h)))
+
+
 def _tokens(case, op):
-    t = grid_tokens(case["counts"], case["h"], D=4, seed=case["seed"], parts=case["parts"], full=case["full"],
-                    size=case["size"], signals=signals_for(op))
+    anyres = op.allocates and case["parts"] > 1
+    t = grid_tokens(case["counts"], case["h"], D=4, seed=case["seed"], parts=case["parts"],
+                    full=case["full"] or anyres, size=case["size"], signals=signals_for(op))
+    if anyres:
+        t = as_anyres(t, case["h"], case["parts"])
     return t if case["budget"] is None else t.replace(budget=case["budget"])
 
 
@@ -186,7 +196,7 @@ def test_invariants(name, case):
 @pytest.mark.parametrize("name", [n for n in OPS if get_op(n).allocates])
 def test_allocators_write_fillable_budgets(name):
     op = make_op(name, 5, 4)
-    t = grid_tokens([48, 30], 4, D=4, seed=1, parts=3, signals=signals_for(op))
+    t = as_anyres(grid_tokens([48, 48], 4, D=4, seed=1, parts=3, full=True, signals=signals_for(op)), 4, 3)
     alloc = op.allocate(t)
     assert alloc.budget is not None and alloc.budget.shape[0] == 2 and alloc.budget.dtype == torch.long
     assert bool((alloc.budget >= 0).all())

@@ -1,0 +1,271 @@
+"""LLaVA-NeXT AnyRes geometry shared by the high-resolution allocators (``hired``, ``globalcom2``).
+
+An AnyRes image is a base view (partition 0) plus an ``nH x nW`` grid of crops (partitions
+``1..nH*nW``, row-major), each an ``h x w`` patch grid; token ``index`` is ``p*h*w + raster``. The
+crops tile an ``(nH*h) x (nW*w)`` grid that LLaVA-NeXT unpads (methods.md §0): if the original
+image is wider than the grid (``orig_w/orig_h > W/H``) it keeps rows ``[pad, H - pad)`` with
+``pad = (H - int(orig_h * W / orig_w)) // 2``, otherwise the same for columns (the expression is
+Hugging Face's ``unpad_image``, rounded to 7 decimals before ``int``). This module turns a batch of
+tokens into dense ``[B, P, h*w]`` per-partition maps (scores, positions, which crop cells survive
+the unpad, each cell's position in the assembled grid), ranks cells per partition under
+per-partition budgets, and emits the kept cells in LLaVA-NeXT's order (base first, then the crop
+grid row-major). Images in a batch may have different crop grids and original sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtc.errors import InputError, LayoutError, SignalError
+from vtc.ops.selection import descending_order, mask_from_order
+from vtc.tokens import Layout, VisualTokens
+
+
+def unpad_bounds(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of an ``(H, W)`` crop grid that survive unpadding.
+
+    ``image_size`` is the original ``(height, width)``; the rule is LLaVA-NeXT's ``unpad_image``.
+    """
+    H, W = grid
+    oh, ow = image_size
+    if oh <= 0 or ow <= 0:
+        raise LayoutError(f"image_size must be a positive (height, width), got {image_size!r}")
+    if ow / oh > W / H:
+        new_h = int(round(oh * (W / ow), 7))
+        pad = (H - new_h) // 2
+        return pad, H - pad, 0, W
+    new_w = int(round(ow * (H / oh), 7))
+    pad = (W - new_w) // 2
+    return 0, H, pad, W - pad
+
+
+@dataclass(frozen=True)
+class AnyResGrid:
+    """One image's AnyRes geometry: ``nh x nw`` crops of ``h x w`` patches, unpadded area ``rows x cols``."""
+
+    nh: int
+    nw: int
+    h: int
+    w: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    @classmethod
+    def from_layout(cls, layout: Layout, op: str) -> AnyResGrid:
+        if layout.anyres is None:
+            raise LayoutError(
+                f"{op}: several partitions but no AnyRes crop grid; pass "
+                "layout=vtc.Layout.for_anyres(grid, (nH, nW), image_size=(height, width)) per image"
+            )
+        if len(set(layout.grids)) != 1:
+            raise LayoutError(f"{op}: every AnyRes partition must have the same patch grid, got {layout.grids}")
+        if layout.image_size is None:
+            raise LayoutError(
+                f"{op}: LLaVA-NeXT unpadding needs the original image size; pass "
+                "vtc.Layout.for_anyres(grid, (nH, nW), image_size=(height, width))"
+            )
+        nh, nw = layout.anyres
+        h, w = layout.grids[0]
+        r0, r1, c0, c1 = unpad_bounds((nh * h, nw * w), layout.image_size)
+        if r1 <= r0 or c1 <= c0:
+            raise LayoutError(f"{op}: image_size {layout.image_size} leaves no rows or columns after unpadding")
+        return cls(nh, nw, h, w, (r0, r1), (c0, c1))
+
+    @property
+    def num_crops(self) -> int:
+        return self.nh * self.nw
+
+    def crop_cells(self) -> tuple[Tensor, Tensor]:
+        """``(grid_pos [C, h*w], inside [C, h*w])``: each crop cell's raster position in the
+        ``(nh*h) x (nw*w)`` grid, and whether it survives the unpad."""
+        C, h, w = self.num_crops, self.h, self.w
+        c = torch.arange(C).view(C, 1)
+        t = torch.arange(h * w).view(1, -1)
+        gr = (c // self.nw) * h + t // w
+        gc = (c % self.nw) * w + t % w
+        inside = (gr >= self.rows[0]) & (gr < self.rows[1]) & (gc >= self.cols[0]) & (gc < self.cols[1])
+        return gr * (self.nw * w) + gc, inside
+
+    def valid_size(self) -> tuple[int, int]:
+        """``(H_valid, W_valid)``: the unpadded grid's size."""
+        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
+
+
+@dataclass
+class DenseParts:
+    """A batch's tokens as dense ``[B, P, h*w]`` per-partition maps (P = most partitions in the batch).
+
+    ``pos``: the token's position in its row (``-1`` where absent); ``exists``: the partition exists
+    for that image; ``inside``: the cell survives LLaVA-NeXT's unpad (always true for the base);
+    ``grid_pos``: crop cells' raster position in the assembled crop grid; ``grids``: per-image
+    geometry (None for single-partition images).
+    """
+
+    pos: Tensor
+    exists: Tensor
+    inside: Tensor
+    grid_pos: Tensor
+    grids: list[AnyResGrid]
+    h: int
+    w: int
+
+    @property
+    def present(self) -> Tensor:
+        return self.pos >= 0
+
+    @property
+    def num_parts(self) -> Tensor:
+        """``[B]``: partitions per image."""
+        return self.exists.sum(1)
+
+    def scatter(self, values: Tensor, fill: float = 0.0) -> Tensor:
+        """A per-token ``[B, N]`` tensor as a dense ``[B, P, h*w]`` map (``fill`` where absent)."""
+        B = values.shape[0]
+        rows = torch.arange(B, device=values.device).view(B, 1, 1)
+        out = values[rows, self.pos.clamp_min(0)]
+        return out.masked_fill(~self.present, fill)
+
+
+def is_anyres(tokens: VisualTokens, op: str) -> bool:
+    """Whether the batch holds AnyRes images; raises if it mixes them with single-partition images."""
+    flags = [lay is not None and lay.num_partitions > 1 for lay in tokens.layouts()]
+    if any(flags) and not all(flags):
+        raise LayoutError(f"{op}: a batch mixes AnyRes and single-partition images; run them in separate batches")
+    if not flags[0] and tokens.group is not None and bool((tokens.group[tokens.valid] > 0).any()):
+        raise LayoutError(
+            f"{op}: tokens come from several partitions but have no AnyRes layout; pass "
+            "layout=vtc.Layout.for_anyres(grid, (nH, nW), image_size=(height, width)) per image"
+        )
+    return flags[0]
+
+
+def dense_parts(tokens: VisualTokens, op: str) -> DenseParts:
+    """Lay out AnyRes tokens densely (see :class:`DenseParts`); every image needs a ``for_anyres`` layout.
+
+    Raises a :class:`LayoutError` if a token appears twice (merged or duplicated tokens) or if
+    the base view or the unpadded area of a crop is incomplete: these allocators must run on the
+    vision tower's tokens, before any other operator.
+    """
+    layouts = tokens.layouts()
+    grids = [AnyResGrid.from_layout(lay, op) if lay is not None else None for lay in layouts]
+    if any(g is None for g in grids):
+        raise LayoutError(f"{op}: LLaVA-NeXT tokens need a layout per image (vtc.Layout.for_anyres)")
+    h, w = grids[0].h, grids[0].w
+    if any((g.h, g.w) != (h, w) for g in grids):
+        raise LayoutError(f"{op}: every image in the batch must use the same patch grid")
+    HW = h * w
+    B, N = tokens.x.shape[:2]
+    dev = tokens.device
+    P = 1 + max(g.num_crops for g in grids)
+    parts = torch.tensor([1 + g.num_crops for g in grids], device=dev)
+    part = tokens.index // HW
+    local = tokens.index % HW
+    valid = tokens.valid
+    if tokens.group is not None and bool(((tokens.group != part) & valid).any()):
+        raise LayoutError(f"{op}: token group ids disagree with their indices (index = partition*{HW} + raster)")
+    if bool((((tokens.index < 0) | (part >= parts.unsqueeze(1))) & valid).any()):
+        raise LayoutError(f"{op}: token indices fall outside the layout's {HW}-token partitions")
+    slot = torch.where(valid, part * HW + local, torch.full_like(part, P * HW))
+    rows = torch.arange(B, device=dev).unsqueeze(1)
+    hits = torch.zeros(B, P * HW + 1, dtype=torch.long, device=dev)
+    hits.index_put_((rows.expand(B, N), slot), torch.ones_like(slot), accumulate=True)
+    if bool((hits[:, :-1] > 1).any()):
+        raise LayoutError(f"{op}: a patch appears more than once; run {op} on the vision tower's own tokens, "
+                          "before any merging operator")
+    pos = torch.full((B, P * HW + 1), -1, dtype=torch.long, device=dev)
+    pos[rows.expand(B, N), slot] = torch.arange(N, device=dev).expand(B, N)
+    pos = pos[:, :-1].view(B, P, HW)
+    exists = torch.arange(P, device=dev).unsqueeze(0) < parts.unsqueeze(1)
+    inside = torch.zeros(B, P, HW, dtype=torch.bool, device=dev)
+    grid_pos = torch.zeros(B, P, HW, dtype=torch.long, device=dev)
+    inside[:, 0] = True
+    for b, g in enumerate(grids):  # geometry tables only: a few small tensors per image
+        gp, ins = g.crop_cells()
+        inside[b, 1:1 + g.num_crops] = ins.to(dev)
+        grid_pos[b, 1:1 + g.num_crops] = gp.to(dev)
+    need = exists.unsqueeze(2) & inside
+    if bool((need & (pos < 0)).any()):
+        raise LayoutError(
+            f"{op}: some tokens of the base view or of a crop's unpadded area are missing; {op} decides "
+            "budgets from complete partitions, so put it first in the pipeline, on the vision tower's tokens"
+        )
+    return DenseParts(pos=pos, exists=exists, inside=inside, grid_pos=grid_pos, grids=grids, h=h, w=w)
+
+
+def dense_signal(tokens: VisualTokens, dense: DenseParts, name: str, layer: int, op: str) -> Tensor:
+    """Signal ``name`` at ``layer`` as a float64 ``[B, P, h*w]`` map (0 where absent)."""
+    s = tokens.signal(name, layer, op=f"operator {op!r}")
+    if s.dim() != 2:
+        raise SignalError(f"{op} needs signals[{name!r}][{layer}] of shape [B, N] (one value per token), "
+                          f"got {tuple(s.shape)}")
+    out = dense.scatter(s.to(torch.float64))
+    if not bool(torch.isfinite(out).all()):
+        raise InputError(f"{op}: signals[{name!r}][{layer}] holds NaN/Inf; check the vision tower's dtype "
+                         "(fp16 overflow) and the tap that recorded it")
+    return out
+
+
+def top_cells(scores: Tensor, allowed: Tensor, k: Tensor) -> Tensor:
+    """``[B, P, M]`` bool: the ``k[b, p]`` highest-scoring ``allowed`` cells of each partition
+    (ties to the lower raster position, as ``torch.topk``/``argmax`` on distinct values)."""
+    B, P, M = scores.shape
+    order = descending_order(scores.reshape(B * P, M), allowed.reshape(B * P, M))
+    kk = torch.minimum(k.reshape(-1), allowed.reshape(B * P, M).sum(1))
+    return mask_from_order(order, kk).view(B, P, M)
+
+
+def at_least_one(budget: Tensor) -> Tensor:
+    """``budget`` ``[B, P]`` with the base's budget raised to 1 where an image's budgets are all 0."""
+    empty = budget.sum(1) == 0
+    if not bool(empty.any()):
+        return budget
+    out = budget.clone()
+    out[:, 0] = torch.where(empty, torch.ones_like(out[:, 0]), out[:, 0])
+    return out
+
+
+def keep_base_top1_if_empty(keep: Tensor, base_scores: Tensor) -> Tensor:
+    """``keep`` ``[B, P, M]`` where an image that keeps nothing keeps its base's top cell instead."""
+    empty = ~keep.flatten(1).any(1)
+    if not bool(empty.any()):
+        return keep
+    out = keep.clone()
+    top = descending_order(base_scores)[:, 0]
+    out[empty.nonzero().squeeze(1), 0, top[empty]] = True
+    return out
+
+
+def emit(tokens: VisualTokens, dense: DenseParts, keep: Tensor, base_rank: Tensor) -> VisualTokens:
+    """Keep the cells ``keep`` ``[B, P, h*w]``: the base's cells ordered by ``base_rank`` ``[B, h*w]``,
+    then every crop's cells in the raster order of the assembled crop grid (LLaVA-NeXT's order)."""
+    B, P, HW = keep.shape
+    key = dense.grid_pos.clone() + HW
+    key[:, 0] = base_rank
+    big = torch.iinfo(torch.long).max
+    key = torch.where(keep & dense.present, key, torch.full_like(key, big)).view(B, P * HW)
+    order = torch.sort(key, dim=1, stable=True).indices
+    n = (key < big).sum(1)
+    K = int(n.max().item()) if n.numel() else 0
+    sel = order[:, :K]
+    valid = torch.arange(K, device=keep.device).unsqueeze(0) < n.unsqueeze(1)
+    pos = dense.pos.view(B, P * HW).gather(1, sel)
+    out = tokens.gather(torch.where(valid, pos, torch.zeros_like(pos)), valid)
+    return out.replace(budget=None)
+
+
+def drop_padding(tokens: VisualTokens, dense: DenseParts) -> VisualTokens:
+    """The tokens without the crop cells that LLaVA-NeXT's unpad removes (order kept), with
+    ``group`` set from ``index`` if it was missing (a selector splits partitions by ``group``)."""
+    if tokens.group is None:
+        tokens = tokens.replace(group=torch.where(tokens.valid, tokens.index // (dense.h * dense.w), 0))
+    B, N = tokens.x.shape[:2]
+    drop = dense.present & ~dense.inside
+    if not bool(drop.any()):
+        return tokens
+    keep = torch.ones(B, N + 1, dtype=torch.bool, device=tokens.device)
+    rows = torch.arange(B, device=tokens.device).view(B, 1, 1).expand_as(drop)
+    keep[rows, torch.where(drop, dense.pos, torch.full_like(dense.pos, N))] = False
+    return tokens.keep_mask(keep[:, :N])
