@@ -2,8 +2,9 @@
 
 The tower is a Hugging Face ``CLIPVisionModel`` shaped like LLaVA's ``openai/clip-vit-large-patch14-336``
 (24 layers, width 1024, 16 heads, 336 px / 14 px patches = 577 tokens) with random weights and its
-default SDPA attention. The tap records what VTC-CLS and a keys-based merger need:
-``cls_attn`` at layers 16..22 and ``keys`` at layer 22.
+default SDPA attention (``--family open_clip`` / ``timm``: the same shape in those libraries). The
+tap records what VTC-CLS and a keys-based merger need: ``cls_attn`` at layers 16..22 and ``keys`` at
+layer 22.
 
 For each device (CPU; CUDA when available, in float16) and batch size, forwards with and without the
 tap alternate (ABAB..., so drift hits both alike) after warm-up; the report gives the median time of
@@ -37,13 +38,27 @@ from vtc.taps import attach  # noqa: E402
 REQUIRES = {"cls_attn": list(range(16, 23)), "keys": [22]}
 
 
-def build_tower(device: str, dtype: torch.dtype):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14, hidden_act="quick_gelu", attn_implementation="sdpa")
+def build_tower(device: str, dtype: torch.dtype, family: str = "hf"):
+    """A ViT-L/14-336-shaped tower with random weights: HF CLIPVisionModel (SDPA), open_clip or timm."""
     torch.manual_seed(0)
-    return CLIPVisionModel(cfg).to(device=device, dtype=dtype).eval()
+    if family == "hf":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=336, patch_size=14, hidden_act="quick_gelu", attn_implementation="sdpa")
+        tower = CLIPVisionModel(cfg)
+    elif family == "open_clip":
+        from open_clip.transformer import VisionTransformer
+
+        tower = VisionTransformer(image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp_ratio=4.0,
+                                  output_dim=768)
+    elif family == "timm":
+        import timm
+
+        tower = timm.create_model("vit_large_patch14_clip_336", pretrained=False, num_classes=0)
+    else:
+        raise SystemExit(f"unknown --family {family!r}; use hf, open_clip or timm")
+    return tower.to(device=device, dtype=dtype).eval()
 
 
 class _Clock:
@@ -79,7 +94,7 @@ def _instrument(tap, spent: list[float]) -> None:
         setattr(tap, name, timed)
 
 
-def bench(device: str, batch: int, repeats: int, warmup: int, dtype: torch.dtype, tower) -> dict:
+def bench(device: str, batch: int, repeats: int, warmup: int, dtype: torch.dtype, tower, family: str = "hf") -> dict:
     x = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(batch)).to(device=device, dtype=dtype)
     clock = _Clock(device)
     spent = [0.0]
@@ -115,7 +130,7 @@ def bench(device: str, batch: int, repeats: int, warmup: int, dtype: torch.dtype
         ratios.append(times[True] / times[False])
     mb, mt = statistics.median(base), statistics.median(tapped)
     return {
-        "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "repeats": repeats,
+        "family": family, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch, "repeats": repeats,
         "warmup": warmup, "median_s_without": mb, "median_s_with": mt, "ratio_of_medians": mt / mb,
         "median_pair_ratio": statistics.median(ratios), "tap_compute_s": statistics.median(hook),
         "tap_compute_share": statistics.median(hook) / mb, "times_without": base, "times_with": tapped,
@@ -130,6 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "batch 1, 1 above)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up pairs per cell (default: cuda 5; cpu 1 at the "
                     "first batch size, 0 after)")
+    ap.add_argument("--family", default="hf", help="hf (default), open_clip or timm")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
@@ -140,14 +156,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for device in devices:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        tower = build_tower(device, dtype)
+        tower = build_tower(device, dtype, args.family)
         for i, b in enumerate(batches):
             cuda = device.startswith("cuda")
             reps = args.repeats if args.repeats is not None else (30 if cuda else (3 if b == 1 else 1))
             warm = args.warmup if args.warmup is not None else (5 if cuda else (1 if i == 0 else 0))
-            row = bench(device, b, reps, warm, dtype, tower)
+            row = bench(device, b, reps, warm, dtype, tower, args.family)
             rows.append(row)
-            print(f"{device:5s} {row['dtype']:8s} batch {b:2d}: without {row['median_s_without'] * 1e3:9.2f} ms  "
+            print(f"{args.family:9s} {device:5s} {row['dtype']:8s} batch {b:2d}: without {row['median_s_without'] * 1e3:9.2f} ms  "
                   f"with {row['median_s_with'] * 1e3:9.2f} ms  ratio {row['ratio_of_medians']:.4f}  "
                   f"(pairwise {row['median_pair_ratio']:.4f}, n={reps})  tap compute "
                   f"{row['tap_compute_s'] * 1e3:.3f} ms = {row['tap_compute_share'] * 100:.3f}% of the forward",
