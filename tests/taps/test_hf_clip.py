@@ -135,6 +135,14 @@ def test_siglip_cls_signal_raises(siglip, signal):
         attach(siglip, {signal: [1]})
 
 
+def test_unknown_hf_attention_is_refused():
+    torch.manual_seed(0)
+    model = CLIPVisionModel(_config(CLIPVisionConfig))
+    model.encoder.layers[1].self_attn = torch.nn.Identity()
+    with pytest.raises(UnsupportedModelError, match="uses Identity"):
+        attach(model, {"keys": [0]})
+
+
 def test_llava_model_itself_is_refused_with_a_hint():
     class Inner(torch.nn.Module):
         def __init__(self):

@@ -52,8 +52,8 @@ class HFVisionAdapter(TowerAdapter):
     def __init__(self, tower: nn.Module) -> None:
         root = _vision_root(tower)
         self.layers = root.encoder.layers
-        bad = {type(layer.self_attn).__name__ for layer in self.layers
-               if type(getattr(layer, "self_attn", None)).__name__ not in _ATTENTIONS}
+        kinds = {type(getattr(layer, "self_attn", None)).__name__ for layer in self.layers}
+        bad = kinds - _ATTENTIONS
         if bad:
             raise UnsupportedModelError(
                 f"vtc taps support Hugging Face CLIP and SigLIP attention ({', '.join(sorted(_ATTENTIONS))}); "
