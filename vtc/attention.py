@@ -131,6 +131,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, scale
 
 
 # ---------------------------------------------------------------------- CLS row
+_EYES: dict[tuple[int, float, torch.device], Tensor] = {}
+
+
+def _scaled_eye(h: int, scale: float, device: torch.device) -> Tensor:
+    key = (h, float(scale), device)
+    if key not in _EYES:
+        _EYES[key] = (torch.eye(h, device=device) * scale).view(1, h, 1, h)
+    return _EYES[key]
+
+
 def cls_attention(q_cls: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Scaled logits and softmax probabilities of the CLS query's row, per head.
 
@@ -138,8 +148,16 @@ def cls_attention(q_cls: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tenso
     tokens (any strides), both *before* scaling; ``scale`` is the attention's ``1/sqrt(d)``.
     Returns ``(logits, probs)``, each ``[B, H, N]`` float32: ``logits = q·k · scale`` and
     ``probs = softmax(logits)`` over all ``N`` keys. Costs ``O(N·d)`` per head.
+
+    The product is one float32 batched GEMM of the keys as a tower lays them out, ``[B, N, H·d]``
+    (a view of the k projection's output for HF and timm), against a block-diagonal ``[B, H·d, H]``
+    matrix holding each head's scaled query: no copy of the keys beyond the float32 cast, a few
+    kernel launches per layer whatever ``H``.
     """
-    logits = torch.einsum("bhd,bhnd->bhn", q_cls.float(), k.float()) * scale
+    B, H, N, d = k.shape
+    keys = k.transpose(1, 2).reshape(B, N, H * d).float()  # a view when k came from a [B, N, H*d] projection
+    q = (q_cls.unsqueeze(-1) * _scaled_eye(H, scale, q_cls.device)).reshape(B, H * d, H)  # float32
+    logits = torch.bmm(keys, q).transpose(1, 2)
     return logits, logits.softmax(-1)
 
 
