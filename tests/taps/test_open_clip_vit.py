@@ -98,3 +98,19 @@ def test_custom_attention_blocks_are_unsupported():
                               qk_norm=True)
     with pytest.raises(UnsupportedModelError, match="MultiheadAttention"):
         attach(model, {"keys": [0]})
+
+
+def test_whole_clip_model_and_timm_trunk_resolve_to_their_image_tower():
+    from open_clip.model import CLIP
+    from open_clip.timm_model import TimmModel
+
+    torch.manual_seed(0)
+    clip = CLIP(embed_dim=16, vision_cfg=dict(width=D, layers=2, head_width=d, image_size=32, patch_size=8),
+                text_cfg=dict(context_length=8, vocab_size=64, width=D, heads=H, layers=1))
+    with attach(clip, {"keys": [-1]}) as tap, torch.no_grad():
+        clip.encode_image(torch.randn(1, 3, 32, 32))
+    assert tap.family == "open_clip VisionTransformer" and tap.signals["keys"][1].shape == (1, 16, d)
+    trunk = TimmModel("vit_tiny_patch16_224", embed_dim=16)
+    with attach(trunk, {"cls_attn": [-1]}) as tap:
+        assert tap.family == "timm VisionTransformer" and tap.requires == {"cls_attn": [11]}
+        assert trunk.trunk.blocks[11].attn.q_norm._forward_hooks  # hooked inside the trunk
