@@ -36,10 +36,12 @@ class Pipeline(nn.Module):
 
     def __init__(self, ops: Iterable[Operator] = ()) -> None:
         super().__init__()
-        self.ops = nn.ModuleList(ops)
-        for op in self.ops:
+        ops = list(ops)
+        for op in ops:
             if not isinstance(op, Operator):
-                raise ConfigError(f"a Pipeline holds vtc operators, got {type(op).__name__}")
+                raise ConfigError(f"a Pipeline holds vtc operators, got {type(op).__name__}; "
+                                  "use vtc.build(...) for names, dicts and strings")
+        self.ops = nn.ModuleList(ops)
         self._check()
 
     def _check(self) -> None:

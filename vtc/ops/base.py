@@ -149,9 +149,13 @@ class Selector(Operator):
         return self._run(tokens, self.resolve_keep(tokens.counts))
 
     def _run(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
-        if bool((k >= tokens.counts).all()):
+        fits = k >= tokens.counts
+        if bool(fits.all()):
             return tokens
-        return self.select(tokens, k)
+        out = self.select(tokens, k)
+        # an image that already fits its budget is left as it is, also when it shares a batch with
+        # images that do not (so a batch gives what each image gives alone)
+        return _take_rows(tokens, out, fits) if bool(fits.any()) else out
 
     def resolve_keep(self, counts: Tensor) -> Tensor:
         """Per-image budget ``k`` ``[B]`` from ``keep``/``ratio`` (clamped to the tokens present)."""
@@ -184,3 +188,37 @@ class Allocator(Operator):
 
     def allocate(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _take_rows(a: VisualTokens, b: VisualTokens, use_a: Tensor) -> VisualTokens:
+    """``b`` with the rows where ``use_a`` ``[B]`` is true taken from ``a`` (both left-packed).
+
+    Signals present in only one of them are dropped; ``layout`` and ``budget`` come from ``b``.
+    """
+    W = int(torch.where(use_a, a.counts, b.counts).max().item())
+
+    def fit(t: Tensor, fill: float | bool = 0) -> Tensor:
+        t = t[:, :W]
+        if t.shape[1] < W:
+            t = torch.cat([t, t.new_full((t.shape[0], W - t.shape[1], *t.shape[2:]), fill)], 1)
+        return t
+
+    def pick(ta: Tensor, tb: Tensor, fill: float | bool = 0) -> Tensor:
+        ta, tb = fit(ta, fill), fit(tb, fill)
+        return torch.where(use_a.view(-1, *([1] * (ta.dim() - 1))), ta, tb.to(ta.dtype))
+
+    def groups(t: VisualTokens) -> Tensor:
+        return t.group if t.group is not None else torch.zeros_like(t.index)
+
+    signals = {name: {l: pick(t, b.signals[name][l]) for l, t in per_layer.items() if l in b.signals[name]}
+               for name, per_layer in a.signals.items() if name in b.signals}
+    return VisualTokens(
+        x=pick(a.x, b.x),
+        mask=pick(a.valid, b.valid, False),
+        index=pick(a.index, b.index),
+        size=None if a.size is None and b.size is None else pick(a.sizes, b.sizes),
+        group=None if a.group is None and b.group is None else pick(groups(a), groups(b)),
+        layout=b.layout,
+        signals=signals,
+        budget=b.budget,
+    )

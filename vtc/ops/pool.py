@@ -3,7 +3,9 @@
 ``pool:keep=64`` pools a 24x24 grid to 8x8. For a budget ``k`` on an ``h x w`` grid the target is
 ``gh = floor(sqrt(k*h/w))`` rows (at least 1, at most h) and ``gw = min(w, k // gh)`` columns, so at
 most ``k`` tokens come out (``keep=128`` on 24x24 gives 11x11 = 121); ``grid=[gh, gw]`` (or
-``grid=6``) asks for a target grid directly. Windows do not overlap (see ``vtc.ops.pooling``).
+``grid=6``) asks for a target grid directly (per partition). ``keep``/``ratio`` count tokens per
+image: an image holding ``P`` partitions without per-partition budgets gives each ``k // P``
+(LLaVA-NeXT with 5 partitions and ``ratio=0.25``: 720 of 2880 tokens, 12x12 per partition). Windows do not overlap (see ``vtc.ops.pooling``).
 Applied to a vanilla model this is the training-free form of Matryoshka (M3) pooling.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtc.errors import ConfigError
+from vtc.errors import BudgetError, ConfigError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.pooling import pool_to_grid
 from vtc.registry import register
@@ -56,7 +58,17 @@ class Pool(Selector):
             gh = torch.full_like(k, self.config.grid[0]).clamp_max(h)
             gw = torch.full_like(k, self.config.grid[1]).clamp_max(w)
         else:
-            kk = k.clamp_min(1)
+            # keep= / ratio= count tokens per image: an image holding several partitions (AnyRes,
+            # no allocator) shares its budget evenly among them, each pooled to the same grid
+            parts = _partitions_present(tokens)
+            if bool(((k > 0) & (k < parts)).any()):
+                b = int(((k > 0) & (k < parts)).nonzero()[0])
+                raise BudgetError(
+                    f"pool keeps at least one token per partition, but image {b} holds {int(parts[b])} partitions "
+                    f"and its budget is {int(k[b])} tokens; raise keep/ratio, or put an allocator (hired, "
+                    "globalcom2) before pool to set per-partition budgets"
+                )
+            kk = (k // parts).clamp_min(1)
             gh = torch.floor(torch.sqrt(kk.double() * h / w)).long().clamp(1, None)
             gh = torch.minimum(gh, h)
             gw = torch.minimum(kk // gh, w).clamp_min(1)
@@ -64,3 +76,14 @@ class Pool(Selector):
         if bool((k == 0).any()):  # a partition whose budget is 0 keeps nothing
             out = out.keep_mask((k > 0).unsqueeze(1).expand(out.x.shape[:2]))
         return out
+
+
+def _partitions_present(tokens: VisualTokens) -> Tensor:
+    """``[B]`` long: how many distinct partitions each image's valid tokens come from (at least 1)."""
+    if tokens.group is None:
+        return torch.ones(tokens.batch_size, dtype=torch.long, device=tokens.device)
+    valid = tokens.valid
+    G = int(tokens.group[valid].max().item()) + 1 if bool(valid.any()) else 1
+    seen = torch.zeros(tokens.batch_size, G + 1, dtype=torch.bool, device=tokens.device)
+    seen.scatter_(1, torch.where(valid, tokens.group, torch.full_like(tokens.group, G)), True)
+    return seen[:, :G].sum(1).clamp_min(1)

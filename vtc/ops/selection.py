@@ -39,9 +39,12 @@ def first_k(order: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 def mask_from_order(order: Tensor, k: Tensor, n: int | None = None) -> Tensor:
     """``[B, n]`` bool: true at the first ``k[b]`` positions listed in ``order`` (n defaults to its width)."""
     idx, valid = first_k(order, k)
-    m = torch.zeros(order.shape[0], order.shape[1] if n is None else n, dtype=torch.bool, device=order.device)
-    m.scatter_(1, idx, valid)
-    return m
+    n = order.shape[1] if n is None else n
+    # entries past k[b] go to a spare column: they may repeat a kept position (DivPrune repeats its
+    # last pick), and a scatter with duplicate indices keeps an arbitrary one of the written values
+    m = torch.zeros(order.shape[0], n + 1, dtype=torch.bool, device=order.device)
+    m.scatter_(1, torch.where(valid, idx, torch.full_like(idx, n)), True)
+    return m[:, :n]
 
 
 def keep_top(tokens: VisualTokens, scores: Tensor, k: Tensor,

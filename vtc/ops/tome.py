@@ -132,17 +132,6 @@ class ToMe(Selector):
             return (counts - cfg.r).clamp_min(1)
         return super().resolve_keep(counts)
 
-    def _metric(self, tokens: VisualTokens) -> Tensor:
-        cfg = self.config
-        keys = tokens.signals.get("keys", {})
-        if cfg.metric == "x" or (cfg.metric == "auto" and not keys):
-            return tokens.x
-        if cfg.layer is not None:
-            return tokens.signal("keys", cfg.layer, op="operator 'tome'")
-        if cfg.metric == "keys":
-            return tokens.signal("keys", 22, op="operator 'tome'")
-        return keys[max(keys)]
-
     def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
         cfg = self.config
         protect = 1 if cfg.protect_cls else 0
@@ -153,6 +142,7 @@ class ToMe(Selector):
         key_layer = None
         if cfg.metric != "x" and tokens.signals.get("keys"):
             key_layer = cfg.layer if cfg.layer is not None else (22 if cfg.metric == "keys" else max(tokens.signals["keys"]))
+            tokens.signal("keys", key_layer, op="operator 'tome'")  # SignalError if that layer is missing
         elif cfg.metric == "keys":
             raise SignalError(f"operator 'tome' with metric='keys' needs signal 'keys' at vision layer "
                               f"{22 if cfg.layer is None else cfg.layer}; record it with a tap")

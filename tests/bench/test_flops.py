@@ -1,0 +1,155 @@
+"""vtc.bench.flops against torch.utils.flop_counter.FlopCounterMode, plus hand-computed formulas.
+
+Tiny random LLaVA / LLaVA-NeXT (CLIP and SigLIP towers) run for real on CPU with eager attention
+(FlopCounterMode does not see CPU SDPA kernels); the LLaMA-7B-shaped LLM and the CLIP-L/336 tower
+run on the meta device.
+"""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtc
+from vtc.bench import flops as F
+
+
+def _counted(fn):
+    fc = FlopCounterMode(display=False)
+    with torch.no_grad(), fc:
+        fn()
+    return fc
+
+
+def _by_prefix(fc, suffix):
+    return sum(sum(v.values()) for k, v in fc.get_flop_counts().items() if k.endswith(suffix) and k.count(".") <= 2)
+
+
+def _tiny_check(model, proc, size):
+    from PIL import Image
+
+    model.set_attn_implementation("eager")
+    inputs = proc(images=[Image.new("RGB", size, (10, 200, 30))], text=["USER: <image>\nwhat color ASSISTANT:"],
+                  return_tensors="pt")
+    fc = _counted(lambda: model(**inputs))
+    shape = F.ModelShape.from_config(model.config)
+    n = inputs["input_ids"].shape[1]
+    passes = 1
+    if "image_sizes" in inputs:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        passes = image_size_to_num_patches(inputs["image_sizes"][0].tolist(), model.config.image_grid_pinpoints,
+                                           model.config.vision_config.image_size)
+    vision = F.vision_flops(shape.vision, passes)
+    proj = F.projector_flops(shape, shape.vision.patches * passes)
+    lm = F.prefill_flops(shape.lm, n, logits=n)  # a plain forward computes logits at every position
+    assert vision == pytest.approx(_by_prefix(fc, ".vision_tower"), rel=0.01)
+    assert proj == pytest.approx(_by_prefix(fc, ".multi_modal_projector"), rel=0.01)
+    assert vision + proj + lm == pytest.approx(fc.get_total_flops(), rel=0.01)
+    return passes
+
+
+def test_tiny_llava_clip_and_siglip():
+    from vtc.models.random import random_llava
+
+    _tiny_check(*random_llava(vision_layers=2), (64, 64))
+    _tiny_check(*random_llava(vision_layers=2, tower="siglip"), (64, 64))
+
+
+def test_tiny_llava_next_anyres():
+    from vtc.models.random import random_llava_next
+
+    passes = _tiny_check(*random_llava_next(vision_layers=2), (150, 64))
+    assert passes == 3  # base + a 1x2 crop grid
+
+
+def test_decode_step_with_kv_cache():
+    from vtc.models.random import random_llava
+
+    model, _ = random_llava(vision_layers=1)
+    lm_model = model.model.language_model
+    lm_model.config._attn_implementation = "eager"
+    lm = F.ModelShape.from_config(model.config).lm
+    n = 40
+    with torch.no_grad():
+        out = lm_model(inputs_embeds=torch.randn(1, n, lm.hidden), use_cache=True)
+    step = torch.randn(1, 1, lm.hidden)
+    fc = _counted(lambda: model.lm_head(lm_model(inputs_embeds=step, past_key_values=out.past_key_values).last_hidden_state))
+    # decode_flops(prompt=n, new_tokens=2) is exactly one step over a cache of n + 1 tokens
+    assert F.decode_flops(lm, n, 2) == pytest.approx(fc.get_total_flops(), rel=0.01)
+    assert F.decode_flops(lm, n, 1) == 0
+
+
+def test_llama_7b_shape_on_meta():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    n = 35 + 576 + 20
+    ids = torch.zeros(1, n, dtype=torch.long, device="meta")
+    fc = _counted(lambda: model(input_ids=ids, logits_to_keep=1))
+    lm = F.ModelShape.from_config(cfg).lm
+    assert F.prefill_flops(lm, n, logits=1) == pytest.approx(fc.get_total_flops(), rel=0.01)
+    # grouped-query attention: 8 KV heads shrink k/v projections and nothing else
+    gqa = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                      num_attention_heads=32, num_key_value_heads=8)
+    with torch.device("meta"):
+        small = LlamaForCausalLM(gqa)
+    fc = _counted(lambda: small(input_ids=ids, logits_to_keep=1))
+    assert F.prefill_flops(F.ModelShape.from_config(gqa).lm, n, 1) == pytest.approx(fc.get_total_flops(), rel=0.01)
+
+
+def test_clip_l_336_tower_on_meta():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14)
+    with torch.device("meta"):
+        tower = CLIPVisionModel(vc)
+    fc = _counted(lambda: tower(torch.zeros(1, 3, 336, 336, device="meta"), output_hidden_states=True))
+    v = F.ModelShape.from_config(vc).vision
+    assert v.seq == 577
+    assert F.vision_flops(v) == pytest.approx(fc.get_total_flops(), rel=0.01)
+
+
+def test_fastv_formula_and_kv_cache_by_hand():
+    lm = F.LMShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000)
+    n, d, m = 611, 4096, 11008
+    assert F.fastv_compat(lm, n) == 32 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    assert F.kv_cache_bytes(lm, 100, 2) == 2 * 32 * 32 * 128 * 100 * 2  # K and V, fp16
+
+
+def test_estimate_with_a_pipeline():
+    v = F.VisionShape(layers=24, hidden=1024, intermediate=4096, image_size=336, patch_size=14)
+    lm = F.LMShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000)
+    shape = F.ModelShape(vision=v, projector=((1024, 4096), (4096, 4096)), lm=lm)
+    base = F.estimate(shape, text_tokens=55, kept_tokens=576, new_tokens=4)
+    assert base["ops"] == 0 and base["projector"] == 2 * 576 * (1024 * 4096 + 4096 * 4096)
+    assert base["total"] == sum(base[k] for k in ("vision", "projector", "ops", "prefill", "decode"))
+    # divprune at the LLM stage on 576 tokens: the cosine matrix 2·n²·d plus normalisation 2·n·d
+    pipe = vtc.build("divprune:keep=64")
+    pruned = F.estimate(shape, text_tokens=55, kept_tokens=64, new_tokens=4, pipeline=pipe, visual_tokens=576)
+    assert pruned["ops"] == 2 * 576 * 576 * 4096 + 2 * 576 * 4096
+    assert pruned["prefill"] == F.prefill_flops(lm, 55 + 64, 1) < base["prefill"]
+    assert pruned["projector"] == base["projector"]  # an llm-stage op runs after the projector
+    # a vision-stage op shrinks what the projector sees and adds its taps' CLS-row products
+    cls = vtc.build("vtc-cls:keep=64")
+    early = F.estimate(shape, text_tokens=55, kept_tokens=64, new_tokens=4, pipeline=cls)
+    assert early["projector"] == 2 * 64 * (1024 * 4096 + 4096 * 4096)
+    layers = len(cls.requires["cls_attn"])
+    assert early["ops"] == 2 * layers * 577 * 1024 + 576 * layers
+
+
+def test_operator_may_report_its_own_flops():
+    pipe = vtc.build("random:keep=10")
+    op = pipe[0]
+    assert F.op_flops(op, 100, 8) == (0, 10, True)
+    op.flops = lambda n, d, p: (123, 7)
+    assert F.op_flops(op, 100, 8) == (123, 7, True)
+    del op.flops
+    type(op).name, saved = "no-such-estimate", type(op).name
+    try:
+        assert F.op_flops(op, 100, 8) == (0, 10, False)
+    finally:
+        type(op).name = saved

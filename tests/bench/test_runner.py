@@ -1,0 +1,185 @@
+"""vtc.bench.runner end to end on the tiny random LLaVA: rows, error rows, resume, the apply seam, CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_config
+
+from vtc.bench.attach import PromptCounter, language_model
+from vtc.bench.config import load_config
+from vtc.bench.loaders import Question, register_loader
+from vtc.bench.rows import read_rows
+from vtc.bench.runner import run
+from vtc.cli import main
+
+ORDER = ["q0", "q1", "q_broken", "q2", "line5", "q3", "q4", "q5", "q_noanswer"]
+HAS_INTEGRATION = importlib.util.find_spec("vtc.integrations") is not None
+
+
+def _rows(out: Path, method: str) -> list[dict]:
+    files = [p for p in (out / "rows").glob("*.jsonl") if f"__{method}" in p.name]
+    assert len(files) == 1, files
+    return read_rows(files[0])
+
+
+def test_end_to_end_through_the_cli(tmp_path, jsonl_task, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(jsonl_task, out, latency={"warmup": 0, "repeats": 1, "new_tokens": 2, "batch": 1})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["bench", str(tmp_path / "cfg.yaml"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| baseline |" in printed and "| divprune | 64 |" in printed
+
+    base, pruned = _rows(out, "baseline"), _rows(out, "divprune-64")
+    for rows in (base, pruned):
+        assert [r["qid"] for r in rows] == ORDER  # one row per question, in question order
+        errors = {r["qid"]: r["error"] for r in rows if r["error"]}
+        assert set(errors) == {"q_broken", "line5", "q_noanswer"}
+        assert errors["q_broken"].startswith("unreadable image") and errors["line5"].startswith("malformed question")
+        for r in rows:
+            if r["error"]:
+                assert r["prediction"] is None and r["score"] is None
+                continue
+            assert isinstance(r["prediction"], str) and 0.0 <= r["score"] <= 1.0
+            assert r["visual_tokens"] == 576 and r["text_tokens"] > 5 and 1 <= r["new_tokens"] <= 2
+            assert r["flops"]["total"] > r["flops"]["prefill"] > 0 and r["time_s"] > 0
+            assert r["env"]["device"].startswith("cpu") and r["env"]["dtype"] == "float32" and "torch" in r["env"]
+            assert r["hash"] in r["cell"]
+    assert all(r["kept_tokens"] == 576 for r in base if not r["error"])
+    assert all(r["applied"] is HAS_INTEGRATION for r in pruned)
+    if HAS_INTEGRATION:
+        assert all(r["kept_tokens"] == 64 for r in pruned if not r["error"])
+        assert all(p["flops"]["prefill"] < b["flops"]["prefill"] for p, b in zip(pruned, base) if not p["error"])
+    else:  # ran uncompressed: same answers, same tokens, marked applied=false
+        assert [r["prediction"] for r in pruned] == [r["prediction"] for r in base]
+        assert all(r["kept_tokens"] == 576 for r in pruned if not r["error"])
+
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    assert {c["method"] for c in cells} == {"baseline", "divprune"}
+    for c in cells:
+        s = c["summary"]
+        assert s["answered"] == 6 and s["errors"] == 3
+        assert c["latency"]["ttft_ms"]["median"] > 0 and c["latency"]["vision_ms"]["n"] == 1
+        assert c["latency"]["peak_mem_bytes"] > 0
+    for name in ("report.md", "report.csv", "summary.jsonl", "plots/tiny__colors__tokens.png",
+                 "plots/tiny__colors__tflops.png"):
+        assert (out / name).is_file(), name
+
+    # a rerun finds every row on disk and answers nothing
+    calls = []
+    run(load_config(tmp_path / "cfg.yaml"), on_batch=lambda *a: calls.append(a), progress=False)
+    assert calls == []
+    assert _rows(out, "baseline") == base
+
+
+def test_resume_after_interrupt(tmp_path, jsonl_task):
+    out = tmp_path / "run"
+    cfg = load_config(tiny_config(jsonl_task, out, batch_size=2, pipelines=[]))
+
+    def stop_after_two(cell, batch_index, rows):
+        if batch_index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, on_batch=stop_after_two, progress=False)
+    first = _rows(out, "baseline")
+    assert [r["qid"] for r in first] == ORDER[:4]  # two batches of two reached the disk
+    # a crash in the middle of writing leaves half a line: it is dropped on resume
+    path = next((out / "rows").glob("*.jsonl"))
+    with path.open("a") as fh:
+        fh.write('{"qid": "q3", "predic')
+
+    answered = []
+    run(cfg, on_batch=lambda cell, i, rows: answered.extend(r["qid"] for r in rows), progress=False)
+    assert answered == ORDER[4:]  # only what was missing
+    final = _rows(out, "baseline")
+    assert [r["qid"] for r in final] == ORDER  # complete, no duplicates, in order
+    assert final[:4] == first
+    assert path.read_text().endswith("\n")
+
+
+def test_apply_seam_uses_the_handle(tmp_path, jsonl_task, monkeypatch):
+    """With vtc.integrations present, rows are applied, kept tokens come from the Handle, FLOPs follow."""
+    events = []
+
+    class Handle:
+        def __init__(self, model, pipeline):
+            self.keep, self.batch = pipeline[0].config.keep, 0
+            self.hook = language_model(model).register_forward_pre_hook(self._seen, with_kwargs=True)
+
+        def _seen(self, mod, args, kwargs):
+            self.batch = kwargs["inputs_embeds"].shape[0]
+
+        def kept_tokens(self):
+            return [self.keep] * self.batch
+
+        def remove(self):
+            self.hook.remove()
+            events.append("removed")
+
+    fake = types.ModuleType("vtc.integrations")
+    fake.apply = lambda model, pipeline, **options: events.append(("applied", options)) or Handle(model, pipeline)
+    monkeypatch.setitem(sys.modules, "vtc.integrations", fake)
+    out = tmp_path / "run"
+    pipes = [{"name": "divprune", "pipeline": "divprune:keep={budget}", "apply": {"position_ids": "original"}}]
+    run(load_config(tiny_config(jsonl_task, out, budgets=[64, 128], pipelines=pipes)), progress=False)
+    # every pipeline is attached once up front (fail fast), then once per cell; always removed
+    applied = ("applied", {"position_ids": "original"})
+    assert events == [applied, "removed"] * 4
+    base = {r["qid"]: r for r in _rows(out, "baseline") if not r["error"]}
+    for keep in (64, 128):
+        rows = [r for r in _rows(out, f"divprune-{keep}") if not r["error"]]
+        assert rows and all(r["applied"] and r["kept_tokens"] == keep for r in rows)
+        for r in rows:
+            b = base[r["qid"]]["flops"]
+            assert r["flops"]["ops"] > 0 and r["flops"]["prefill"] < b["prefill"] and r["flops"]["vision"] == b["vision"]
+
+
+def test_kept_tokens_from_the_handle_report():
+    from vtc.bench.attach import Attachment
+
+    handle = types.SimpleNamespace(last=types.SimpleNamespace(counts=[64, 70]))
+    assert Attachment(pipeline=None, handle=handle, applied=True).kept_tokens() == [64, 70]
+    assert Attachment(pipeline=None, handle=types.SimpleNamespace(last=None), applied=True).kept_tokens() is None
+
+
+def test_a_question_failing_alone_becomes_an_error_row(tmp_path):
+    from PIL import Image
+
+    @register_loader("_test_sizes")
+    def sizes(split, base_dir=None):
+        for i, side in enumerate([32, 0, 48, 40]):  # a 0x0 image breaks the processor
+            yield Question(qid=f"s{i}", image=Image.new("RGB", (side, side), (0, 0, 255)), question="what color?",
+                           answers=["blue"])
+
+    task = {"task": {"name": "sizes", "loader": "_test_sizes", "metric": "exact", "max_new_tokens": 1}}
+    out = tmp_path / "run"
+    cfg = tiny_config("unused", out, tasks=[task], pipelines=[], batch_size=4)
+    run(load_config(cfg), progress=False)
+    rows = _rows(out, "baseline")
+    assert [r["qid"] for r in rows] == ["s0", "s1", "s2", "s3"]
+    assert [bool(r["error"]) for r in rows] == [False, True, False, False]
+    assert rows[1]["error"].startswith("generation failed")
+
+
+def test_prompt_counter_counts_at_the_language_model_input():
+    import torch
+    from PIL import Image
+
+    from vtc.bench.models import load_model, model_entry
+
+    model, proc = load_model(model_entry({"name": "tiny", "source": "random-llava", "device": "cpu"}))
+    prompts = ["USER: <image>\nwhat ASSISTANT:", "USER: <image>\nwhat is the color of the shape ASSISTANT:"]
+    inputs = proc(images=[Image.new("RGB", (32, 32))] * 2, text=prompts, return_tensors="pt", padding=True)
+    with PromptCounter(model) as counter, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    text = ((inputs["input_ids"] != model.config.image_token_id) & inputs["attention_mask"].bool()).sum(1)
+    assert counter.lengths == inputs["attention_mask"].sum(1).tolist()  # the prefill call, not the decode steps
+    assert [n - t for n, t in zip(counter.lengths, text.tolist())] == [576, 576]

@@ -1,0 +1,254 @@
+"""A bench config and the grid of cells it expands to (model x task x pipeline x budget).
+
+::
+
+    name: quick
+    output: runs/quick            # relative to the working directory
+    models: [...]                 # see vtc.bench.models
+    tasks:                        # manifest paths (relative to this file) or mappings
+      - ../tasks/easy_vqa.yaml
+      - {task: ../tasks/pope.yaml, limit: 500, stratify: answer}
+    pipelines:                    # "{budget}" is replaced by each budget
+      - divprune:keep={budget}
+      - {name: cls+tome, pipeline: "vtc-cls:keep=192 | tome:keep={budget}"}
+      - {name: m3, pipeline: "m3:keep={budget}", budgets: [36, 144]}
+      - {name: divprune-orig-pos, pipeline: "divprune:keep={budget}", apply: {position_ids: original}}
+    budgets: [64, 128, 192]
+    baseline: true                # the uncompressed model, once per model x task
+    batch_size: 8
+    limit: 200                    # per task; null = all questions
+    stratify: qtype               # qtype | answer | null
+    seed: 0
+    latency: {warmup: 1, repeats: 3, new_tokens: 8, batch: 1}   # or false
+
+Each cell has a hash over what determines its answers (model, task, pipeline, question
+selection; not the batch size or the device), and its rows live in a file named after it, so a
+changed config never resumes into stale rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtc.bench.latency import LatencyConfig
+from vtc.bench.models import ModelEntry, model_entry
+from vtc.bench.tasks import STRATA, Task, load_task
+from vtc.errors import ConfigError
+
+__all__ = ["BenchConfig", "Cell", "PipelineSpec", "load_config", "BASELINE"]
+
+BASELINE = "baseline"
+_KEYS = {"name", "output", "models", "tasks", "pipelines", "budgets", "baseline", "batch_size", "limit", "stratify",
+         "seed", "latency", "description"}
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(s)).strip("-") or "x"
+
+
+def _substitute(obj: Any, budget: int | float | None) -> Any:
+    if isinstance(obj, str):
+        return obj.replace("{budget}", str(budget)) if budget is not None else obj
+    if isinstance(obj, Mapping):
+        return {k: _substitute(v, budget) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_substitute(v, budget) for v in obj]
+    return obj
+
+
+def _number(b: Any) -> int | float:
+    """A budget: a token count, or a fraction for ``ratio={budget}`` templates."""
+    try:
+        f = float(b)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budgets are numbers (token counts or ratios), got {b!r}") from None
+    return int(f) if f.is_integer() else f
+
+
+def _has_placeholder(obj: Any) -> bool:
+    return "{budget}" in json.dumps(obj)
+
+
+@dataclass
+class PipelineSpec:
+    """A pipeline template and the budgets it runs at (None: a fixed pipeline, one cell)."""
+
+    name: str
+    template: Any
+    budgets: list[int | float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of vtc.apply
+
+    @classmethod
+    def parse(cls, entry: Any, budgets: list[int] | None) -> PipelineSpec:
+        options: dict[str, Any] = {}
+        if isinstance(entry, str):
+            template, name, own = entry, None, None
+        elif isinstance(entry, Mapping):
+            unknown = set(entry) - {"name", "pipeline", "budgets", "apply"}
+            if "pipeline" not in entry or unknown:
+                raise ConfigError(f"a pipelines entry is a string or {{name, pipeline, budgets, apply}}, got {dict(entry)!r}")
+            template, name, own = entry["pipeline"], entry.get("name"), entry.get("budgets")
+            options = dict(entry.get("apply") or {})
+        else:
+            raise ConfigError(f"a pipelines entry is a string or a mapping, got {entry!r}")
+        if name is None:
+            from vtc.pipeline import parse_spec
+
+            ops = parse_spec(template) if isinstance(template, str) else (
+                [template] if isinstance(template, Mapping) else list(template))
+            name = "+".join(str(o.get("op", "?")) for o in ops)
+        if name == BASELINE:
+            raise ConfigError(f"{BASELINE!r} is reserved for the uncompressed model; rename the pipeline")
+        if not _has_placeholder(template):
+            return cls(name=name, template=template, budgets=None, options=options)
+        use = own if own is not None else budgets
+        if not use:
+            raise ConfigError(f"pipeline {name!r} has a {{budget}} placeholder but no budgets are given")
+        return cls(name=name, template=template, budgets=[_number(b) for b in use], options=options)
+
+
+@dataclass
+class Cell:
+    """One (model, task, method, budget) combination of the grid."""
+
+    model: ModelEntry
+    task: Task
+    method: str
+    budget: int | float | None
+    pipeline_spec: Any  # None for the baseline
+    selection: dict[str, Any] = field(default_factory=dict)
+    apply_options: dict[str, Any] = field(default_factory=dict)
+
+    def pipeline(self):
+        """The built :class:`vtc.Pipeline` (None for the baseline)."""
+        if self.pipeline_spec is None:
+            return None
+        import vtc
+
+        return vtc.build(self.pipeline_spec)
+
+    def spec(self) -> dict[str, Any]:
+        pipe = self.pipeline()
+        return {"model": self.model.spec(), "task": self.task.spec(), "method": self.method, "budget": self.budget,
+                "pipeline": pipe.spec() if pipe is not None else None, "apply": self.apply_options,
+                "selection": self.selection}
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+    @property
+    def id(self) -> str:
+        b = "" if self.budget is None else f"-{self.budget}"
+        return f"{_safe(self.model.name)}__{_safe(self.task.name)}__{_safe(self.method)}{b}__{self.hash}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.pipeline_spec is None
+
+
+@dataclass
+class BenchConfig:
+    """A parsed bench config (see the module docstring)."""
+
+    name: str
+    output: Path
+    models: list[ModelEntry]
+    tasks: list[tuple[Task, dict[str, Any]]]
+    pipelines: list[PipelineSpec]
+    baseline: bool = True
+    batch_size: int = 8
+    seed: int = 0
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """Every cell, grouped by model then task; the baseline first in each group."""
+        out = []
+        for model in self.models:
+            for task, sel in self.tasks:
+                if self.baseline:
+                    out.append(Cell(model, task, BASELINE, None, None, sel))
+                for p in self.pipelines:
+                    for b in (p.budgets or [None]):
+                        out.append(Cell(model, task, p.name, b, _substitute(p.template, b), sel, p.options))
+        ids = [c.id for c in out]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ConfigError(f"the grid holds the same cell twice ({sorted(dup)[0]}); give pipelines distinct names")
+        for c in out:
+            c.pipeline()  # unknown operators or bad arguments fail now, before anything runs
+        return out
+
+
+def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | None = None,
+                limit: int | None = None, stratify: str | None = None, batch_size: int | None = None,
+                latency: bool | None = None) -> BenchConfig:
+    """Parse a bench config file (or mapping); keyword arguments override its values (the CLI flags)."""
+    if isinstance(source, Mapping):
+        data, base = dict(source), Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"bench config {str(path)!r} does not exist")
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"bench config {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"bench config {str(path)!r} must be a mapping")
+        base = path.parent.resolve()
+        data.setdefault("name", path.stem)
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ConfigError(f"bench config has unknown key(s) {unknown}; valid keys: {sorted(_KEYS)}")
+    for key in ("models", "tasks"):
+        if not data.get(key):
+            raise ConfigError(f"bench config needs a non-empty '{key}' list")
+    name = str(data.get("name", "bench"))
+    g_limit = limit if limit is not None else data.get("limit")
+    g_strat = stratify if stratify is not None else data.get("stratify")
+    seed = int(data.get("seed", 0))
+    tasks = []
+    for t in data["tasks"]:
+        if isinstance(t, Mapping) and "task" in t:
+            t = dict(t)
+            src = t.pop("task")
+            t_limit = limit if limit is not None else t.pop("limit", g_limit)
+            t_strat = stratify if stratify is not None else t.pop("stratify", g_strat)
+            t.pop("limit", None), t.pop("stratify", None)
+            task = load_task(src, base_dir=base, **t)
+        else:
+            task, t_limit, t_strat = load_task(t, base_dir=base), g_limit, g_strat
+        if t_strat is not None and t_strat not in STRATA:
+            raise ConfigError(f"stratify must be one of {STRATA} or null, got {t_strat!r}")
+        tasks.append((task, {"limit": None if t_limit is None else int(t_limit), "stratify": t_strat, "seed": seed}))
+    names = [t.name for t, _ in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"task names must be unique in a config, got {names}")
+    models = [model_entry(m) for m in data["models"]]
+    if len({m.name for m in models}) != len(models):
+        raise ConfigError(f"model names must be unique in a config, got {[m.name for m in models]}")
+    budgets = data.get("budgets")
+    pipelines = [PipelineSpec.parse(p, budgets) for p in (data.get("pipelines") or [])]
+    lat = LatencyConfig.from_config(data.get("latency", True))
+    if latency is False:
+        lat.enabled = False
+    out = Path(output) if output is not None else Path(data.get("output") or f"runs/{_safe(name)}")
+    return BenchConfig(
+        name=name, output=out, models=models, tasks=tasks, pipelines=pipelines,
+        baseline=bool(data.get("baseline", True)), batch_size=int(batch_size or data.get("batch_size", 8)),
+        seed=seed, latency=lat, source=data,
+    )

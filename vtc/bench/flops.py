@@ -1,0 +1,349 @@
+"""Analytic FLOPs of a LLaVA-style model from its config and the token counts of each stage.
+
+Counts are matrix-multiply FLOPs (1 multiply-add = 2 FLOPs), the convention of
+``torch.utils.flop_counter.FlopCounterMode``; norms, activations, softmax and RoPE are not counted.
+Stages:
+
+- **vision**: the tower's patch embedding (a convolution) and every encoder layer (Hugging Face
+  runs all of them even though LLaVA reads layer -2), once per tower pass (LLaVA-NeXT: once per
+  AnyRes partition). Attention is counted as the full ``N x N`` products.
+- **projector**: each linear layer of the multimodal projector over the tokens it sees.
+- **ops**: each operator's own work, from its optional ``flops(n_in, dim, partitions)`` method,
+  else from the estimate for its name in :data:`OP_FLOPS` (model knowledge stays here, not in
+  the operators), plus the cost of the taps that record its signals (one ``1 x N`` CLS-row
+  product per layer).
+- **prefill**: the LLM over ``n`` prompt tokens: q/k/v/o projections with grouped-query
+  attention (``n_kv_heads``), the full ``n x n`` attention products (as FlopCounterMode and FastV
+  count them; causal kernels skip about half), SwiGLU's three matrices (two for a plain MLP), and
+  the LM head for the logits actually computed (``generate`` computes only the last position).
+- **decode**: one step per generated token after the first, each attending to the whole cache.
+
+Also :func:`fastv_compat`, the figure FastV and DivPrune publish (``T·(4nd² + 2n²d + 2ndm)``, LLM
+only, one forward over ``n`` tokens), and :func:`kv_cache_bytes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vtc.errors import ConfigError
+
+__all__ = ["VisionShape", "LMShape", "ModelShape", "vision_flops", "projector_flops", "prefill_flops",
+           "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "estimate", "OP_FLOPS",
+           "register_op_flops"]
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A ViT tower: ``layers`` encoder layers of width ``hidden`` on ``image_size / patch_size``² patches."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    image_size: int
+    patch_size: int
+    channels: int = 3
+    cls_token: bool = True
+    pool_head: bool = False  # SigLIP's attention-pooling head
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq(self) -> int:
+        return self.patches + int(self.cls_token)
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """A decoder-only LLM (Llama / Vicuna / Mistral / Qwen2 shapes)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated_mlp: bool = True  # SwiGLU: gate, up, down
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Everything FLOPs depend on: tower, projector linears ``(in, out)``, LLM."""
+
+    vision: VisionShape | None
+    projector: tuple[tuple[int, int], ...]
+    lm: LMShape | None
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """Read a Hugging Face config: LLaVA / LLaVA-NeXT, a bare text config, or a bare vision config."""
+        vcfg = getattr(config, "vision_config", None)
+        tcfg = getattr(config, "text_config", None)
+        if vcfg is None and tcfg is None:
+            if hasattr(config, "patch_size"):
+                vcfg = config
+            else:
+                tcfg = config
+        vision = _vision_shape(vcfg) if vcfg is not None else None
+        lm = _lm_shape(tcfg) if tcfg is not None else None
+        projector: tuple[tuple[int, int], ...] = ()
+        if vision is not None and lm is not None:
+            layers = getattr(config, "vision_feature_layer", -2)
+            n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
+            projector = ((vision.hidden * n_layers, lm.hidden), (lm.hidden, lm.hidden))
+        return cls(vision=vision, projector=projector, lm=lm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _vision_shape(c: Any) -> VisionShape:
+    model_type = getattr(c, "model_type", "")
+    siglip = "siglip" in model_type
+    return VisionShape(
+        layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size,
+        image_size=c.image_size, patch_size=c.patch_size, channels=getattr(c, "num_channels", 3),
+        cls_token=not siglip, pool_head=siglip and bool(getattr(c, "vision_use_head", True)),
+    )
+
+
+def _lm_shape(c: Any) -> LMShape:
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    act = getattr(c, "hidden_act", "silu")
+    gated = getattr(c, "model_type", "llama") not in ("gpt2", "opt", "phi") and act in ("silu", "swish", "gelu_pytorch_tanh")
+    return LMShape(
+        layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size, heads=heads,
+        kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim, vocab=c.vocab_size,
+        gated_mlp=gated,
+    )
+
+
+# ------------------------------------------------------------------------- stages
+def vision_flops(v: VisionShape, passes: int = 1) -> int:
+    """FLOPs of ``passes`` tower forwards (one per image, or per AnyRes partition)."""
+    n, d, m = v.seq, v.hidden, v.intermediate
+    embed = 2 * v.patches * v.channels * v.patch_size**2 * d
+    layer = 2 * n * d * 4 * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
+    head = 0
+    if v.pool_head:  # probe query attends over the N patch tokens, then an MLP on one token
+        head = 2 * d * d + 2 * n * d * 2 * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * m
+    return passes * (embed + v.layers * layer + head)
+
+
+def projector_flops(shape: ModelShape, tokens: int) -> int:
+    """FLOPs of the multimodal projector over ``tokens`` vision features."""
+    return sum(2 * tokens * i * o for i, o in shape.projector)
+
+
+def _lm_layer(lm: LMShape, n: int, context: int) -> int:
+    """One decoder layer over ``n`` new tokens attending to ``context`` tokens (cache included)."""
+    d, hd = lm.hidden, lm.head_dim
+    proj = 2 * n * d * (lm.heads * hd) * 2 + 2 * n * d * (lm.kv_heads * hd) * 2  # q, o + k, v
+    attn = 2 * 2 * n * context * lm.heads * hd
+    mlp = 2 * n * d * lm.intermediate * (3 if lm.gated_mlp else 2)
+    return proj + attn + mlp
+
+
+def prefill_flops(lm: LMShape, n: int, logits: int = 1) -> int:
+    """FLOPs of one LLM forward over ``n`` prompt tokens, computing ``logits`` positions of the LM head."""
+    return lm.layers * _lm_layer(lm, n, n) + 2 * logits * lm.hidden * lm.vocab
+
+
+def decode_flops(lm: LMShape, prompt: int, new_tokens: int) -> int:
+    """FLOPs of the decode steps after a prefill of ``prompt`` tokens that end with ``new_tokens`` generated.
+
+    The prefill yields the first token; each later token costs one step over a cache of
+    ``prompt + t`` tokens (``t = 1 .. new_tokens - 1``), with the LM head on one position.
+    """
+    total = 0
+    for t in range(1, max(new_tokens, 1)):
+        total += lm.layers * _lm_layer(lm, 1, prompt + t) + 2 * lm.hidden * lm.vocab
+    return total
+
+
+def fastv_compat(lm: LMShape, n: int) -> int:
+    """``T·(4·n·d² + 2·n²·d + 2·n·d·m)``: the LLM-only figure FastV and DivPrune publish as "FLOPs"."""
+    d, m = lm.hidden, lm.intermediate
+    return lm.layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+
+
+def kv_cache_bytes(lm: LMShape, tokens: int, bytes_per_element: int = 2) -> int:
+    """Bytes of the K and V caches for ``tokens`` positions."""
+    return 2 * lm.layers * lm.kv_heads * lm.head_dim * tokens * bytes_per_element
+
+
+# ------------------------------------------------------------------------- operators
+OpFlops = Callable[[Any, int, int, int], tuple[int, int]]
+#: name -> ``f(op, n_in, dim, partitions) -> (flops, n_out)`` per image
+OP_FLOPS: dict[str, OpFlops] = {}
+
+
+def register_op_flops(name: str):
+    """Register the FLOPs estimate of the operator ``name`` (decorator)."""
+
+    def deco(fn: OpFlops) -> OpFlops:
+        OP_FLOPS[name] = fn
+        return fn
+
+    return deco
+
+
+def _budget(op: Any, n_in: int, partitions: int = 1) -> int:
+    cfg = getattr(op, "config", None)
+    keep, ratio = getattr(cfg, "keep", None), getattr(cfg, "ratio", None)
+    if keep is not None:
+        return min(int(keep), n_in)
+    if ratio is not None:
+        return max(1, round(n_in * float(ratio)))
+    return n_in
+
+
+@register_op_flops("divprune")
+def _divprune(op: Any, n: int, d: int, p: int) -> tuple[int, int]:
+    # row normalisation (n·d), the n x n cosine matrix (2·n²·d); the greedy max-min loop compares only
+    return 2 * n * n * d + 2 * n * d, _budget(op, n, p)
+
+
+@register_op_flops("tome")
+def _tome(op: Any, n: int, d: int, p: int) -> tuple[int, int]:
+    k, cur, total = _budget(op, n, p), n, 0
+    r_max = getattr(op.config, "r", None)
+    while cur > k:
+        a, b = (cur + 1) // 2, cur // 2
+        total += 2 * a * b * d + 2 * cur * d  # similarity of A to B + size-weighted merge
+        r = min(cur // 2, cur - k, r_max or cur)
+        if r <= 0:
+            break
+        cur -= r
+    return total, cur
+
+
+def _pooling(op: Any, n: int, d: int, p: int) -> tuple[int, int]:
+    return n * d, _budget(op, n, p) if op.name != "m3" else min(n, int(op.config.keep) * p)
+
+
+def _free(op: Any, n: int, d: int, p: int) -> tuple[int, int]:
+    return 0, _budget(op, n, p)
+
+
+def _score_sum(op: Any, n: int, d: int, p: int) -> tuple[int, int]:
+    layers = sum(len(v) for v in op.requires.values()) or 1
+    return n * layers, _budget(op, n, p)
+
+
+for _name, _fn in {"pool": _pooling, "m3": _pooling, "random": _free, "uniform": _free, "vtc-cls": _score_sum,
+                   "hired": _score_sum, "globalcom2": _score_sum, "fastervlm": _score_sum, "visionzip": _score_sum,
+                   "prumerge": _score_sum}.items():
+    register_op_flops(_name)(_fn)
+
+
+def op_flops(op: Any, n_in: int, dim: int, partitions: int = 1) -> tuple[int, int, bool]:
+    """``(flops, n_out, known)`` of one operator on one image of ``n_in`` tokens of width ``dim``.
+
+    The operator's own ``flops(n_in, dim, partitions)`` wins when it defines one (returning the
+    FLOPs, or ``(flops, n_out)``); else the estimate registered for its name; else 0 and
+    ``known=False``.
+    """
+    own = getattr(op, "flops", None)
+    if callable(own):
+        out = own(n_in, dim, partitions)
+        if isinstance(out, tuple):
+            return int(out[0]), int(out[1]), True
+        return int(out), _budget(op, n_in, partitions), True
+    fn = OP_FLOPS.get(getattr(op, "name", ""))
+    if fn is None:
+        return 0, _budget(op, n_in, partitions), False
+    f, n_out = fn(op, n_in, dim, partitions)
+    return int(f), int(n_out), True
+
+
+def _tap_flops(pipeline: Any, v: VisionShape, passes: int) -> int:
+    """CLS-row attention taps: one ``1 x N`` product per recorded layer and pass."""
+    req = getattr(pipeline, "requires", {}) or {}
+    layers = set(req.get("cls_attn", [])) | set(req.get("cls_logits", []))
+    return 2 * len(layers) * v.seq * v.hidden * passes
+
+
+def pipeline_flops(shape: ModelShape, pipeline: Any, visual_tokens: int, passes: int = 1) -> dict[str, Any]:
+    """Operator FLOPs per image and the token count each stage hands on.
+
+    ``visual_tokens`` is what the vision stage sees (patch tokens of all partitions). Returns
+    ``{"ops": flops, "after_vision": n, "after_llm": n, "unknown": [op names without an estimate]}``.
+    """
+    total, unknown, n = 0, [], visual_tokens
+    after_vision = visual_tokens
+    if pipeline is not None and len(pipeline):
+        if shape.vision is not None:
+            total += _tap_flops(pipeline, shape.vision, passes)
+        for op in pipeline:
+            dim = shape.vision.hidden if op.stage == "vision" and shape.vision else (shape.lm.hidden if shape.lm else 0)
+            f, n, known = op_flops(op, n, dim, passes)
+            total += f
+            if not known:
+                unknown.append(op.name)
+            if op.stage == "vision":
+                after_vision = n
+    return {"ops": total, "after_vision": after_vision, "after_llm": n, "unknown": unknown}
+
+
+# ------------------------------------------------------------------------- one question
+def estimate(
+    shape: ModelShape,
+    *,
+    text_tokens: int,
+    kept_tokens: int,
+    new_tokens: int,
+    passes: int = 1,
+    projector_tokens: int | None = None,
+    pipeline: Any = None,
+    visual_tokens: int | None = None,
+    dtype_bytes: int = 2,
+) -> dict[str, Any]:
+    """FLOPs of answering one question, per stage (see the module docstring).
+
+    ``kept_tokens``: visual tokens the LLM received; ``text_tokens``: the other prompt tokens;
+    ``new_tokens``: tokens generated; ``passes``: tower forwards; ``projector_tokens``: tokens the
+    projector saw (default: every patch of every pass, or fewer after vision-stage operators);
+    ``visual_tokens``: the visual tokens before compression (for the operators' estimate).
+    """
+    lm, v = shape.lm, shape.vision
+    if lm is None:
+        raise ConfigError("FLOPs estimates need a language model in the config (text_config)")
+    patch_tokens = v.patches * passes if v is not None else 0
+    ops = pipeline_flops(shape, pipeline, patch_tokens if visual_tokens is None else visual_tokens, passes) \
+        if pipeline is not None else {"ops": 0, "after_vision": patch_tokens, "unknown": []}
+    if projector_tokens is None:
+        vision_ops = pipeline is not None and pipeline.has_stage("vision")
+        projector_tokens = min(patch_tokens, ops["after_vision"]) if vision_ops else patch_tokens
+    n = text_tokens + kept_tokens
+    out = {
+        "vision": vision_flops(v, passes) if v is not None else 0,
+        "projector": projector_flops(shape, projector_tokens),
+        "ops": ops["ops"],
+        "prefill": prefill_flops(lm, n, logits=1),
+        "decode": decode_flops(lm, n, new_tokens),
+    }
+    out["total"] = sum(out.values())
+    out["fastv_compat"] = fastv_compat(lm, n)
+    out["kv_cache_bytes"] = kv_cache_bytes(lm, n + max(new_tokens - 1, 0), dtype_bytes)
+    if ops["unknown"]:
+        out["ops_unknown"] = ops["unknown"]
+    return out
+
+
+def tflops(x: float | int | None) -> float:
+    """FLOPs to TFLOPs (NaN for None)."""
+    return float("nan") if x is None else x / 1e12
+
+
+def describe(flops: Mapping[str, Any]) -> str:
+    """A one-line human summary of an :func:`estimate` result."""
+    parts = [f"{k}={v / 1e9:.3g} GFLOPs" for k, v in flops.items() if k not in ("kv_cache_bytes", "ops_unknown")]
+    return ", ".join(parts) + (f", kv={flops.get('kv_cache_bytes', 0) / 2**20:.3g} MiB" if "kv_cache_bytes" in flops else "")
+

@@ -1,0 +1,340 @@
+"""The bench runner: answers every question of every cell and writes one row per question.
+
+``run(config)`` walks the grid of :mod:`vtc.bench.config` (per model, per task: the uncompressed
+baseline first, then each pipeline at each budget). For each cell it
+
+1. skips the questions whose rows are already on disk (resume), shards the rest across
+   processes when launched by ``torchrun`` / ``accelerate launch``;
+2. answers them in batches with greedy ``generate``, under the pipeline attached by
+   :func:`vtc.bench.attach.attached`, and appends each batch's rows to the cell's JSONL file
+   (flushed before the next batch starts, so Ctrl-C or a crash loses at most the batch in
+   flight); an unreadable image, a malformed source record or a question that fails on its own
+   becomes an error row and the run goes on;
+3. on rank 0: merges the shards, profiles latency and memory on the first questions
+   (:mod:`vtc.bench.latency`) and writes the cell's summary to ``cells/<cell id>.json``.
+
+At the end rank 0 writes the report (:mod:`vtc.bench.report`). A row holds the prediction, its
+score, the visual tokens before and after compression, the text and generated token counts, the
+batch's wall time (and the per-question share), the analytic FLOPs per stage
+(:mod:`vtc.bench.flops`), the cell hash and the environment (device, dtype, attention, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtc.bench import dist
+from vtc.bench.attach import Attachment, PromptCounter, attached
+from vtc.bench.config import BenchConfig, Cell, load_config
+from vtc.bench.env import environment
+from vtc.bench.flops import ModelShape, estimate
+from vtc.bench.latency import profile
+from vtc.bench.loaders import Question
+from vtc.bench.metrics import get_metric
+from vtc.bench.models import clear_cache, load_model
+from vtc.bench.rows import RowStore
+from vtc.bench.tasks import Task, select
+from vtc.errors import InputError, VtcError
+
+__all__ = ["run", "Runner", "BatchHook"]
+
+#: called after each batch's rows are on disk: ``hook(cell, batch_index, rows)``
+BatchHook = Callable[[Cell, int, list[dict[str, Any]]], None]
+
+
+def run(config: BenchConfig | str | Path, *, on_batch: BatchHook | None = None, progress: bool = True,
+        **overrides: Any) -> Path:
+    """Run a bench config (a path or a parsed :class:`BenchConfig`); returns the run folder."""
+    cfg = config if isinstance(config, BenchConfig) else load_config(config, **overrides)
+    return Runner(cfg, on_batch=on_batch, progress=progress).run()
+
+
+class _ModelState:
+    def __init__(self, model: Any, processor: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
+        self.shape = ModelShape.from_config(model.config)
+        self.env = environment(model, device, dtype)
+        cfg = model.config
+        self.image_token = getattr(cfg, "image_token_id", None)
+        if self.image_token is None:
+            self.image_token = getattr(cfg, "image_token_index", None)
+        tok = getattr(processor, "tokenizer", processor)
+        self.eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tok, "eos_token_id", None)
+        if isinstance(self.eos, int):
+            self.eos = [self.eos]
+        self.pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+        self.tile = getattr(getattr(cfg, "vision_config", None), "image_size", None)
+
+
+class Runner:
+    """Runs one :class:`BenchConfig` (see the module docstring)."""
+
+    #: consecutive questions failing in generate (not in loading) before the run stops
+    max_consecutive_failures: int = 16
+
+    def __init__(self, config: BenchConfig, *, on_batch: BatchHook | None = None, progress: bool = True) -> None:
+        self.config = config
+        self.on_batch = on_batch
+        self.progress = progress
+        self.dir = Path(config.output)
+        self._questions: dict[str, list[Question]] = {}
+        self._cells: list[Cell] = []
+        self._failures = 0
+
+    # ------------------------------------------------------------------ top level
+    def run(self) -> Path:
+        ctx = dist.context()
+        cells = self._cells = self.config.cells()
+        for cell in cells:  # a missing task file fails now, not after hours of other cells
+            self.questions(cell.task, cell.selection)
+        if ctx.main:
+            (self.dir / "cells").mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(self.config.source, sort_keys=False))
+            (self.dir / "run.json").write_text(json.dumps({"name": self.config.name, "cells": [c.id for c in cells]},
+                                                          indent=1))
+        ctx.barrier()
+        try:
+            states: dict[str, _ModelState] = {}
+            for cell in cells:
+                if cell.model.name not in states:
+                    if states:  # one model in memory at a time
+                        states.clear()
+                        clear_cache()
+                    states[cell.model.name] = self._load(cell, ctx)
+                    self._check_attach(cell.model.name, states[cell.model.name])
+                self.run_cell(cell, states[cell.model.name], ctx)
+            if ctx.main:
+                from vtc.bench.report import build_report
+
+                build_report(self.dir)
+        finally:
+            ctx.close()
+        return self.dir
+
+    def _check_attach(self, model_name: str, state: _ModelState) -> None:
+        """Attach and remove every pipeline of the model once, so a pipeline the model cannot take
+        (missing taps, wrong options) fails before any cell runs."""
+        for cell in self._cells:
+            if cell.model.name == model_name and not cell.is_baseline:
+                with attached(state.model, cell.pipeline(), **cell.apply_options):
+                    pass
+
+    def _device(self, cell: Cell, ctx: dist.DistContext) -> torch.device:
+        return cell.model.resolved_device(ctx.local_rank)
+
+    def _load(self, cell: Cell, ctx: dist.DistContext) -> _ModelState:
+        device = self._device(cell, ctx)
+        model, processor = load_model(cell.model, device)
+        return _ModelState(model, processor, device, cell.model.torch_dtype)
+
+    def questions(self, task: Task, selection: dict[str, Any]) -> list[Question]:
+        key = f"{task.hash}:{json.dumps(selection, sort_keys=True)}"
+        if key not in self._questions:
+            self._questions[key] = select(task.questions(), **selection)
+        return self._questions[key]
+
+    # ------------------------------------------------------------------ one cell
+    def run_cell(self, cell: Cell, state: _ModelState, ctx: dist.DistContext) -> None:
+        qs = self.questions(cell.task, cell.selection)
+        store = RowStore(self.dir, cell.id, ctx.rank, ctx.world)
+        mine = dist.shard(qs, ctx.rank, ctx.world)
+        done = store.done()
+        todo = [q for q in mine if q.qid not in done]
+        pipeline = cell.pipeline()
+        bs = self.config.batch_size
+        bar = None
+        if self.progress and ctx.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{cell.model.name} {cell.task.name} {cell.label}",
+                       unit="q", dynamic_ncols=True)
+        try:
+            with attached(state.model, pipeline, **cell.apply_options) as att, PromptCounter(state.model) as counter:
+                for bi, start in enumerate(range(0, len(todo), bs)):
+                    batch = todo[start:start + bs]
+                    rows = self.answer(cell, batch, state, att, counter, pipeline)
+                    for r in rows:
+                        r["rank"] = ctx.rank
+                    store.append(rows)
+                    if bar is not None:
+                        bar.update(len(batch))
+                    if self.on_batch is not None:
+                        self.on_batch(cell, bi, rows)
+        finally:
+            if bar is not None:
+                bar.close()
+        ctx.barrier()
+        if ctx.main:
+            rows = store.merge([q.qid for q in qs]) if ctx.world > 1 else store.rows()
+            self._finish_cell(cell, rows, qs, state, pipeline)
+        ctx.barrier()
+
+    def _finish_cell(self, cell: Cell, rows: list[dict[str, Any]], qs: list[Question], state: _ModelState,
+                     pipeline: Any) -> None:
+        from vtc.bench.report import summarize_cell
+
+        meta_path = self.dir / "cells" / f"{cell.id}.json"
+        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        latency = old.get("latency") if old.get("hash") == cell.hash else None
+        if latency is None and self.config.latency.enabled:
+            latency = self._latency(cell, qs, state, pipeline)
+        meta = {
+            "id": cell.id, "hash": cell.hash, "model": cell.model.name, "task": cell.task.name, "method": cell.method,
+            "budget": cell.budget, "metric": cell.task.metric, "pipeline": None if pipeline is None else str(pipeline),
+            "spec": cell.spec(), "env": state.env, "latency": latency, "questions": len(qs),
+        }
+        base = None
+        if not cell.is_baseline:
+            base_cells = [c for c in self._cells if c.is_baseline and c.model.name == cell.model.name
+                          and c.task.name == cell.task.name]
+            if base_cells:
+                base = RowStore(self.dir, base_cells[0].id).rows()
+        meta["summary"] = summarize_cell(meta, rows, base)
+        meta_path.write_text(json.dumps(meta, indent=1, default=str))
+
+    def _latency(self, cell: Cell, qs: list[Question], state: _ModelState, pipeline: Any) -> dict[str, Any] | None:
+        images, picked = [], []
+        for q in qs:
+            if len(picked) == self.config.latency.batch:
+                break
+            if q.error:
+                continue
+            try:
+                images.append(q.load_image())
+                picked.append(q)
+            except InputError:
+                continue
+        if not picked:
+            return None
+        inputs = self._inputs(cell, picked, images, state)
+        with attached(state.model, pipeline, **cell.apply_options) as att:
+            out = profile(state.model, inputs, self.config.latency, pipeline=pipeline if att.applied else None)
+        out["applied"] = att.applied
+        return out
+
+    # ------------------------------------------------------------------ one batch
+    def _base_row(self, cell: Cell, q: Question, att: Attachment, state: _ModelState) -> dict[str, Any]:
+        return {
+            "qid": q.qid, "cell": cell.id, "hash": cell.hash, "model": cell.model.name, "task": cell.task.name,
+            "method": cell.method, "budget": cell.budget, "pipeline": None if att.pipeline is None else str(att.pipeline),
+            "applied": att.applied, "question": q.question, "answers": q.answers, "qtype": q.qtype,
+            "prediction": None, "score": None, "error": None, "env": state.env,
+        }
+
+    def _inputs(self, cell: Cell, qs: Sequence[Question], images: list[Any], state: _ModelState) -> dict[str, Any]:
+        prompts = [cell.model.format(cell.task.format_prompt(q.question), state.processor) for q in qs]
+        inputs = state.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        out = {}
+        for k, v in inputs.items():
+            if torch.is_tensor(v):
+                v = v.to(state.device)
+                if v.is_floating_point():
+                    v = v.to(state.dtype)
+            out[k] = v
+        return out
+
+    def answer(self, cell: Cell, batch: Sequence[Question], state: _ModelState, att: Attachment,
+               counter: PromptCounter, pipeline: Any) -> list[dict[str, Any]]:
+        """Rows for one batch of questions (error rows included), in the batch's order."""
+        rows = {q.qid: self._base_row(cell, q, att, state) for q in batch}
+        good: list[tuple[Question, Any]] = []
+        for q in batch:
+            if q.error:
+                rows[q.qid]["error"] = f"malformed question: {q.error}"
+                continue
+            try:
+                good.append((q, q.load_image()))
+            except InputError as e:
+                rows[q.qid]["error"] = f"unreadable image: {e}"
+        self._generate(cell, good, rows, state, att, counter, pipeline)
+        return [rows[q.qid] for q in batch]
+
+    def _generate(self, cell: Cell, good: list[tuple[Question, Any]], rows: dict[str, dict[str, Any]],
+                  state: _ModelState, att: Attachment, counter: PromptCounter, pipeline: Any) -> None:
+        if not good:
+            return
+        try:
+            self._generate_batch(cell, good, rows, state, att, counter, pipeline)
+            self._failures = 0
+        except torch.cuda.OutOfMemoryError:
+            raise  # lower batch_size; not a property of the question
+        except Exception as e:  # noqa: BLE001 - isolate the question at fault, keep the run going
+            if len(good) > 1:  # find the question at fault: answer one at a time
+                for item in good:
+                    self._generate(cell, [item], rows, state, att, counter, pipeline)
+                return
+            rows[good[0][0].qid]["error"] = f"generation failed: {type(e).__name__}: {e}"
+            self._failures += 1
+            if self._failures >= self.max_consecutive_failures:
+                raise VtcError(
+                    f"cell {cell.label}: generation failed on {self._failures} questions in a row "
+                    f"(last: {type(e).__name__}: {e}); this looks like a problem with the model or pipeline, "
+                    "not with single questions. Rows so far are saved; fix it and rerun to resume."
+                ) from e
+
+    @torch.inference_mode()
+    def _generate_batch(self, cell: Cell, good: list[tuple[Question, Any]], rows: dict[str, dict[str, Any]],
+                        state: _ModelState, att: Attachment, counter: PromptCounter, pipeline: Any) -> None:
+        qs = [q for q, _ in good]
+        inputs = self._inputs(cell, qs, [im for _, im in good], state)
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        is_img = ids == state.image_token
+        visual = is_img.sum(1).tolist()
+        text = ((~is_img) & mask.bool()).sum(1).tolist()
+        passes = self._passes(inputs, state, len(qs))
+        counter.reset()
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        t0 = time.perf_counter()
+        out = state.model.generate(**inputs, max_new_tokens=cell.task.max_new_tokens, do_sample=False, num_beams=1)
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        wall = time.perf_counter() - t0
+        new = out[:, ids.shape[1]:]
+        preds = state.processor.batch_decode(new, skip_special_tokens=True)
+        n_new = self._generated_lengths(new, state)
+        kept = att.kept_tokens() if att.applied else None
+        if kept is None or len(kept) != len(qs):
+            lengths = counter.lengths or [int(v) for v in mask.sum(1).tolist()]
+            kept = [int(lengths[i]) - int(text[i]) for i in range(len(qs))]
+        metric = get_metric(cell.task.metric)
+        use_pipe = pipeline if att.applied else None
+        for i, q in enumerate(qs):
+            row = rows[q.qid]
+            pred = preds[i].strip()
+            row.update(prediction=pred, visual_tokens=int(visual[i]), kept_tokens=int(kept[i]), text_tokens=int(text[i]),
+                       new_tokens=int(n_new[i]), passes=int(passes[i]), time_s=wall / len(qs), batch_time_s=wall,
+                       batch_size=len(qs))
+            try:
+                row["score"] = metric.score(pred, q.answers)
+            except VtcError as e:
+                row["error"] = f"cannot score: {e}"
+            vis_in = None if use_pipe is None or use_pipe.has_stage("vision") else int(visual[i])
+            row["flops"] = estimate(state.shape, text_tokens=int(text[i]), kept_tokens=int(kept[i]),
+                                    new_tokens=int(n_new[i]), passes=int(passes[i]), pipeline=use_pipe,
+                                    visual_tokens=vis_in, dtype_bytes=torch.finfo(state.dtype).bits // 8)
+
+    def _passes(self, inputs: dict[str, Any], state: _ModelState, n: int) -> list[int]:
+        sizes = inputs.get("image_sizes")
+        if sizes is None or state.pinpoints is None or state.tile is None:
+            return [1] * n
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [int(image_size_to_num_patches(s.tolist(), state.pinpoints, state.tile)) for s in sizes]
+
+    def _generated_lengths(self, new: torch.Tensor, state: _ModelState) -> list[int]:
+        if not state.eos:
+            return [new.shape[1]] * new.shape[0]
+        is_eos = torch.isin(new, torch.tensor(state.eos, device=new.device))
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long))
+        return [int(v) for v in first.tolist()]

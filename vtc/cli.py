@@ -1,0 +1,82 @@
+"""The ``vtc`` command line: ``vtc bench CONFIG.yaml`` runs a benchmark grid, ``vtc report RUN_DIR`` rebuilds its report.
+
+``vtc convert FORMAT --out FILE.jsonl ...`` turns a VQA benchmark's release files into a vtc task file.
+
+Run under ``torchrun --nproc-per-node N -m vtc.cli bench CONFIG.yaml`` (or ``accelerate launch``)
+to shard the questions across processes. Errors a user can cause print one line and exit with
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtc", description="visual-token compression for LLaVA-style models")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="run a benchmark config (model x task x pipeline x budget)")
+    b.add_argument("config", help="bench config YAML (see eval/configs/)")
+    b.add_argument("--out", default=None, help="run folder (default: the config's output, else runs/NAME)")
+    b.add_argument("--limit", type=int, default=None, help="questions per task (overrides the config)")
+    b.add_argument("--stratify", choices=["qtype", "answer"], default=None,
+                   help="pick --limit questions stratified by question type or answer")
+    b.add_argument("--batch-size", type=int, default=None, help="questions per generate call")
+    b.add_argument("--no-latency", action="store_true", help="skip the per-cell latency/memory profile")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    c = sub.add_parser("convert", help="convert a VQA benchmark's release files to vtc JSONL (see vtc.bench.convert)")
+    c.add_argument("format", choices=["vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme"])
+    c.add_argument("--out", required=True, help="output .jsonl (image paths are written relative to it)")
+    c.add_argument("--questions", nargs="*", default=[], help="the benchmark's question file(s)")
+    c.add_argument("--annotations", default=None, help="vqav2: the annotations file")
+    c.add_argument("--images", default=".", help="the image folder (mme: the benchmark's root folder)")
+    c.add_argument("--split", default="test", help="scienceqa: which split")
+    r = sub.add_parser("report", help="rebuild report.md, report.csv and plots of a run from its rows")
+    r.add_argument("run_dir")
+    r.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    from vtc.errors import VtcError
+
+    try:
+        if args.command == "bench":
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            from vtc.bench.runner import run
+
+            out = run(args.config, progress=not args.no_progress, output=args.out, limit=args.limit,
+                      stratify=args.stratify, batch_size=args.batch_size, latency=False if args.no_latency else None)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print((out / "report.md").read_text())
+                print(f"rows, summaries, report and plots in {out}")
+        elif args.command == "convert":
+            from vtc.bench.convert import convert
+
+            n = convert(args.format, args.out, questions=args.questions, images=args.images,
+                        annotations=args.annotations, split=args.split)
+            print(f"wrote {n} questions to {args.out}")
+        elif args.command == "report":
+            from vtc.bench.report import build_report
+
+            build_report(args.run_dir, plots=not args.no_plots)
+            print(open(os.path.join(args.run_dir, "report.md")).read())
+    except VtcError as e:
+        print(f"vtc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
