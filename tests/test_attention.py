@@ -37,6 +37,8 @@ def test_cpu_uses_sdpa_without_importing_xformers(fresh, qkv, monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", None)  # importing it would raise
     assert fresh.backend_name("cpu", torch.float32) == "sdpa"
     assert fresh.backend_name(torch.device("cpu"), torch.bfloat16, bias=True) == "sdpa"
+    if not torch.cuda.is_available():
+        assert fresh.backend_name() == "sdpa"  # defaults: this machine's device and dtype
     q, k, v = qkv
     torch.testing.assert_close(fresh.attention(q, k, v), reference(q, k, v), atol=1e-5, rtol=1e-5)
     assert fresh.last_backend() == "sdpa" and fresh._XOPS is None

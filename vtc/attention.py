@@ -77,9 +77,17 @@ def _probe(device: torch.device, dtype: torch.dtype, with_bias: bool) -> str:
         return "sdpa"
 
 
-def backend_name(device: torch.device | str, dtype: torch.dtype, bias: bool = False) -> str:
-    """``"xformers"`` or ``"sdpa"``: the backend :func:`attention` uses for inputs on ``device`` of ``dtype``."""
+def backend_name(device: torch.device | str | None = None, dtype: torch.dtype | None = None, bias: bool = False) -> str:
+    """``"xformers"`` or ``"sdpa"``: the backend :func:`attention` uses for inputs on ``device`` of ``dtype``.
+
+    ``device`` defaults to CUDA when available, else CPU; ``dtype`` to float16 on CUDA, else
+    ``torch.get_default_dtype()``. Pass the real ones: the answer can differ per dtype.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.get_default_dtype()
     key = (device.type, dtype, bool(bias))
     if key not in _BACKENDS:
         _BACKENDS[key] = "sdpa" if device.type == "cpu" else _probe(device, dtype, bool(bias))
