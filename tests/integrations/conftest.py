@@ -11,17 +11,6 @@ import torch
 from vtc.ops.base import OpConfig, Operator
 from vtc.tokens import VisualTokens
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread: on the shared 2-core CI machine two threads
-    made these tests ~5x slower (tests/integrations: 35 s vs 6.7 s wall). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["user : <image> what is this ? assistant :", "<image> describe", "user : what color is the <image> ?"]
 
 
