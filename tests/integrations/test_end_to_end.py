@@ -22,14 +22,6 @@ SKIP: dict[tuple[str, str], str] = {}
 BUDGET = 36
 
 
-def _taps_available() -> bool:
-    try:
-        import vtc.taps  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def models():
     from vtc.models.random import random_llava, random_llava_next
@@ -55,9 +47,7 @@ def test_every_operator_generates_from_a_real_photo(models, photos, name, kind):
     for key in ((name, kind), (name, "*")):
         if key in SKIP:
             pytest.skip(SKIP[key])
-    op = _operator(name)
-    if op.requires and not _taps_available():
-        pytest.skip(f"{name} reads vision-tower signals {op.requires} and vtc.taps is not on this branch yet")
+    op = _operator(name)  # operators that read signals get them from a vtc.taps tap on the tower
     model, proc = models[kind]
     inputs = proc(images=[photos[0]], text=["user : <image> what is in this photo ? assistant :"], return_tensors="pt")
     L = inputs["input_ids"].shape[1]

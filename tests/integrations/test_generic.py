@@ -112,7 +112,6 @@ def _cls_attention_reference(vit, pixels, layer):
 
 @torch.no_grad()
 def test_vision_stage_signals_from_a_timm_tower(vit, projector, pixels):
-    pytest.importorskip("vtc.taps", reason="vtc.taps is not on this branch yet")
     comp = VisualCompressor(vit, projector, "vtc-cls:keep=8,layers=[2]")
     out = comp(pixels)
     want = torch.topk(_cls_attention_reference(vit, pixels, 2), 8).indices.sort(1).values

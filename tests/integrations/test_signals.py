@@ -103,8 +103,7 @@ def test_a_tap_error_leaves_the_model_untouched(llava, monkeypatch):
 
 @torch.no_grad()
 def test_real_taps_feed_vtc_cls_on_every_partition(small_models, photos):
-    """With vtc.taps: vtc-cls through vtc.apply keeps the top-k of an independent CLS-attention reference."""
-    pytest.importorskip("vtc.taps", reason="vtc.taps is not on this branch yet")
+    """The real vtc.taps: vtc-cls through vtc.apply keeps the top-k of an independent CLS-attention reference."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     model, proc = small_models["llava_next"]
