@@ -3,7 +3,8 @@
 A stand-in ``vtc.taps`` module (same interface: ``attach(tower, requires)``, ``with tap:``,
 ``tap.signals``, ``tap.remove()``) records, as ``cls_attn[l]``, channel 0 of encoder layer ``l``'s
 output for every patch token. The selection vtc-cls makes through ``vtc.apply`` must then be
-exactly the top-k of that channel computed from the stock tower's ``hidden_states``.
+exactly the top-k of that channel computed from the stock tower's ``hidden_states``. The last test
+uses the real ``vtc.taps`` against a CLS-attention reference computed from the tower's q/k.
 """
 
 from __future__ import annotations
