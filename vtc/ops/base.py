@@ -89,6 +89,16 @@ class Operator(nn.Module):
     #: true for trainable operators that map vision features straight to LLM embeddings (MQT):
     #: the integration then runs them instead of the model's projector
     replaces_projector: ClassVar[bool] = False
+    #: LLaVA-NeXT only: where the integration puts ``image_newline`` tokens when this operator is in
+    #: the pipeline and ``vtc.apply(..., newline="auto")``: None (no preference: LLaVA-NeXT's
+    #: standard, one after each grid row that holds tokens), ``"none"`` (HiRED's official code),
+    #: ``"all_rows"`` (GlobalCom²'s: one after every one of the nH*h grid rows) or
+    #: ``"unpadded_rows"``. Subclasses may make it a property when it depends on their config.
+    newline_policy: ClassVar[str | None] = None
+    #: LLaVA-NeXT only, stage "llm": whether the operator sees each partition's tokens before the
+    #: AnyRes assembly (``"partitions"``, M3) or the assembled sequence, newline tokens included
+    #: (``"assembled"``, DivPrune's official code). None: no preference (partitions).
+    anyres_view: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()

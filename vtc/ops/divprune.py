@@ -11,6 +11,9 @@ token whose distance to the selected set is largest. Ties go to the lowest posit
 (the official code re-gathers the selected rows each step, O(k²·N): same picks). Output is in the
 original (raster) order. ``k = round(ratio * N)``; the official default ratio is 0.098 (56/576).
 
+On LLaVA-NeXT the official code runs on the assembled sequence (base, unpadded crops and their
+newline tokens): ``anyres_view = "assembled"``, so ``vtc.apply`` assembles before DivPrune.
+
 Differences from the official code: the official loop may pick an already-selected token again
 when every remaining distance is 0 (duplicate tokens such as LLaVA-NeXT newlines); vtc never
 re-picks, so it always returns k distinct tokens. Half-precision inputs are scored in float32
@@ -79,6 +82,7 @@ def divprune_order(x: Tensor, valid: Tensor, steps: int) -> Tensor:
 class DivPrune(Selector):
     Config = DivPruneConfig
     default_stage = "llm"
+    anyres_view = "assembled"
 
     def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
         steps = int(k.max().item())

@@ -41,6 +41,7 @@ class M3Config(OpConfig):
 class M3(Operator):
     Config = M3Config
     default_stage = "llm"
+    anyres_view = "partitions"
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
         tokens.check_finite("operator 'm3'")

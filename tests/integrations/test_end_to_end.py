@@ -1,0 +1,61 @@
+"""End to end, for every registered operator: processor -> model -> vtc.apply -> generate on a real photo.
+
+The operator list comes from ``vtc.list_ops()``, so operators added later are covered; ``SKIP``
+names the ones that do not fit a model, with the reason. Models have a 24-layer tower so every
+operator's default signal layers (0, 16..22, 23) exist, and a 12x12 patch grid (8-px patches) to
+stay cheap; operators that take a budget get ``keep=36`` (a 6x6 grid for the pooling ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import vtc
+from vtc.registry import get_op
+
+#: (operator, model kind or "*") -> why it is not run end to end
+SKIP: dict[tuple[str, str], str] = {}
+
+BUDGET = 36
+
+
+@pytest.fixture(scope="module")
+def models():
+    from vtc.models.random import random_llava, random_llava_next
+
+    spec = dict(vision_layers=24, patch_size=8)
+    return {"llava": random_llava(**spec), "llava_next": random_llava_next(**spec)}
+
+
+def _operator(name: str):
+    """The operator with its defaults, and a 36-token budget where it takes one."""
+    cls = get_op(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    args = {}
+    if "keep" in fields:
+        args["keep"] = BUDGET
+    return vtc.create(name, **args)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+@pytest.mark.parametrize("name", vtc.list_ops())
+@torch.no_grad()
+def test_every_operator_generates_from_a_real_photo(models, photos, name, kind):
+    for key in ((name, kind), (name, "*")):
+        if key in SKIP:
+            pytest.skip(SKIP[key])
+    op = _operator(name)  # operators that read signals get them from a vtc.taps tap on the tower
+    model, proc = models[kind]
+    inputs = proc(images=[photos[0]], text=["user : <image> what is in this photo ? assistant :"], return_tensors="pt")
+    L = inputs["input_ids"].shape[1]
+    with vtc.apply(model, op) as h:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[:, :L], inputs["input_ids"])
+    assert L < out.shape[1] <= L + 3
+    assert 0 < h.last.counts[0] < h.last.stock_counts[0]
+    sent = h.last.tokens.x[0, : h.last.counts[0]]
+    assert torch.isfinite(sent).all()
+    assert "forward" not in model.__dict__

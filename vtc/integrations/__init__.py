@@ -1,0 +1,34 @@
+"""Integrations: attach a vtc pipeline to a model without forking it.
+
+:func:`apply` attaches a pipeline to a stock Hugging Face ``LlavaForConditionalGeneration`` or
+``LlavaNextForConditionalGeneration`` instance (see :mod:`vtc.integrations.hf_llava`) and returns
+a :class:`Handle` whose ``remove()`` restores the model exactly. For a user's own LLaVA-style
+code, :class:`VisualCompressor` (:mod:`vtc.integrations.generic`) takes a vision tower, a
+projector and a pipeline and returns the compressed projector outputs with their kept indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vtc.integrations.generic import CompressedVisual, VisualCompressor
+from vtc.integrations.handle import Compressed, Handle
+from vtc.integrations.options import ApplyOptions
+
+__all__ = ["apply", "Handle", "Compressed", "ApplyOptions", "VisualCompressor", "CompressedVisual"]
+
+
+def apply(model: Any, pipeline: Any, position_ids: str = "contiguous", **options: Any) -> Handle:
+    """Compress ``model``'s visual tokens with ``pipeline`` until ``handle.remove()``.
+
+    ``pipeline`` is a :class:`~vtc.pipeline.Pipeline` or anything :func:`vtc.build` accepts
+    (``"divprune:keep=64"``). ``position_ids``: ``"contiguous"`` or ``"original"``. LLaVA-NeXT
+    options: ``newline`` (``"auto"``, ``"rows"``, ``"unpadded_rows"``, ``"all_rows"``, ``"none"``),
+    ``llm_view`` (``"auto"``, ``"partitions"``, ``"assembled"``) and ``unpad`` (bool); see
+    :mod:`vtc.integrations.options`. Works as a context manager: ``with vtc.apply(m, p): ...``.
+    """
+    from vtc.integrations import hf_llava
+    from vtc.pipeline import build
+
+    opts = ApplyOptions.from_kwargs({"position_ids": position_ids, **options})
+    return hf_llava.attach(model, build(pipeline), opts)

@@ -1,0 +1,219 @@
+"""LLaVA-NeXT AnyRes geometry: partition layouts, unpadding, and the assembly of kept tokens.
+
+LLaVA-NeXT encodes an image as ``P = 1 + nH*nW`` partitions of ``h x w`` patches: the base view
+(partition 0) and the crops of the padded high-resolution image in row-major order (methods.md §0).
+In vtc one image's tokens are the concatenation of its partitions (``index = p*h*w + raster
+position``, ``group = p``, ``layout = Layout.for_anyres(...)``). This module turns the kept tokens
+back into the sequence the language model reads: the base tokens first, in the order the operators
+left them, then the crop tokens placed in the ``(nH*h) x (nW*w)`` grid, cut to the unpadded
+rectangle with LLaVA-NeXT's rule, flattened row-major with ``image_newline`` tokens.
+
+Newline policies (``newline=``): ``"rows"`` one newline after each unpadded grid row that still
+holds a token (LLaVA-NeXT's standard; identical to stock when nothing is pruned),
+``"unpadded_rows"`` after every unpadded row, empty or not, ``"all_rows"`` after every one of the
+``nH*h`` rows including rows removed by unpadding (GlobalCom²'s official code), ``"none"`` no
+newline tokens (HiRED's official code). When the crop tokens form a regular pooled lattice
+(every crop token stands for an ``s x s`` window aligned to the grid, as after M3 / ``avg_pool2d``
+with kernel ``s``), the grid, its unpadding and its newlines are those of the pooled ``h/s x w/s``
+grid, as LLaVA-NeXT-M3 assembles. Everything here is pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from vtc.errors import ConfigError, LayoutError
+from vtc.tokens import Layout, VisualTokens
+
+__all__ = ["NEWLINE_POLICIES", "unpad_bounds", "anyres_layout", "stock_length", "group_partitions", "assemble"]
+
+NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
+
+
+def unpad_bounds(grid_h: int, grid_w: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The rectangle ``(r0, r1, c0, c1)`` of a ``grid_h x grid_w`` grid that LLaVA-NeXT keeps.
+
+    ``image_size`` is the original ``(height, width)``. Same rule as transformers'
+    ``unpad_image``: if the image is wider than the grid, rows ``[pad, grid_h - pad)`` with
+    ``pad = (grid_h - int(round(height * grid_w / width, 7))) // 2``; otherwise the same for columns.
+    """
+    oh, ow = (int(v) for v in image_size)
+    if oh <= 0 or ow <= 0:
+        raise LayoutError(f"image_size must be a positive (height, width), got {image_size!r}")
+    if ow / oh > grid_w / grid_h:
+        new_h = int(round(oh * (grid_w / ow), 7))
+        pad = (grid_h - new_h) // 2
+        return pad, grid_h - pad, 0, grid_w
+    new_w = int(round(ow * (grid_h / oh), 7))
+    pad = (grid_w - new_w) // 2
+    return 0, grid_h, pad, grid_w - pad
+
+
+def anyres_layout(grid: tuple[int, int], crops: tuple[int, int], image_size: tuple[int, int]) -> Layout:
+    """The layout of one LLaVA-NeXT image: base + ``crops = (nH, nW)`` partitions of ``grid = (h, w)``."""
+    return Layout.for_anyres(tuple(grid), tuple(crops), tuple(int(v) for v in image_size))
+
+
+def stock_length(layout: Layout) -> int:
+    """How many tokens stock LLaVA-NeXT emits for this image (base + unpadded crops + newlines)."""
+    (h, w) = layout.grids[0]
+    if layout.anyres is None:
+        return h * w
+    nh, nw = layout.anyres
+    r0, r1, c0, c1 = unpad_bounds(nh * h, nw * w, layout.image_size)
+    return h * w + (r1 - r0) * (c1 - c0 + 1)
+
+
+def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence[Layout]) -> VisualTokens:
+    """Regroup per-partition rows ``[T, N]`` (image after image) into one row per image ``[B, Pmax*N]``.
+
+    Token ``n`` of partition ``p`` gets ``index = p*N + n`` and ``group = p``; images with fewer
+    partitions are padded (``mask``). Signals are regrouped alike.
+    """
+    T, N = flat.x.shape[:2]
+    if sum(parts) != T:
+        raise LayoutError(f"{T} partition rows do not add up to the images' partitions {list(parts)}")
+    if flat.mask is not None:
+        raise LayoutError("group_partitions takes complete partitions (no mask)")
+    dev = flat.device
+    B, P = len(parts), max(parts)
+    counts = torch.tensor(list(parts), device=dev)
+    start = torch.cumsum(counts, 0) - counts
+    p = torch.arange(P, device=dev)
+    row = (start.unsqueeze(1) + p).clamp_max(T - 1)  # [B, P] flat row of each (image, partition)
+    valid_p = p.unsqueeze(0) < counts.unsqueeze(1)
+
+    def take(t: Tensor) -> Tensor:
+        g = t[row]  # [B, P, N, ...]
+        if g.is_floating_point():
+            g = g.masked_fill(~valid_p.view(B, P, *([1] * (g.dim() - 2))), 0)
+        return g.reshape(B, P * N, *t.shape[2:])
+
+    mask = valid_p.repeat_interleave(N, dim=1)
+    size = None if flat.size is None else take(flat.size)
+    zero = torch.zeros((), dtype=torch.long, device=dev)
+    return VisualTokens(
+        x=take(flat.x),
+        mask=None if bool(mask.all()) else mask,
+        # padding gets partition 0 / index 0, which every image's layout has
+        index=torch.where(mask, torch.arange(P * N, device=dev), zero),
+        size=size,
+        group=torch.where(mask, p.repeat_interleave(N), zero),
+        layout=tuple(layouts),
+        signals={k: {l: take(t) for l, t in v.items()} for k, v in flat.signals.items()},
+    )
+
+
+def _pooled_factor(tokens: VisualTokens, crop: Tensor, r: Tensor, c: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """Per image, the window side ``s`` if every crop token stands for an aligned ``s x s`` window, else 1."""
+    if tokens.size is None:
+        return torch.ones(tokens.batch_size, dtype=torch.long, device=tokens.device)
+    size = tokens.size.to(torch.float64)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=tokens.device)
+    smin = torch.where(crop, size, inf).amin(1)
+    smax = torch.where(crop, size, -inf).amax(1)
+    s = torch.sqrt(smin.clamp(1, 1 << 30)).round().long()
+    h0, w0 = h[:, 0], w[:, 0]
+    ok = (smin == smax) & torch.isfinite(smin) & (s * s == smin.round().long()) & (h0 % s == 0) & (w0 % s == 0)
+    ss = s.unsqueeze(1)
+    aligned = ((r % ss == 0) & (c % ss == 0)) | ~crop
+    ok &= aligned.all(1)
+    return torch.where(ok, s, torch.ones_like(s))
+
+
+def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows", unpad: bool = True) -> VisualTokens:
+    """LLaVA-NeXT's sequence for every image in ``tokens`` (see the module docstring).
+
+    ``tokens`` hold per-image partitions (``group``, ``index``, one AnyRes ``layout`` per image);
+    ``newline`` is the ``[D]`` ``image_newline`` vector. Returns left-packed VisualTokens in sequence
+    order; a newline token has ``index = layout.num_tokens + row`` (beyond every patch index),
+    ``size`` 1, zero signals and the ``group`` of the crop that ends its row.
+    """
+    if policy not in NEWLINE_POLICIES:
+        raise ConfigError(f"newline policy must be one of {NEWLINE_POLICIES}, got {policy!r}")
+    layouts = tokens.layouts()
+    if any(lay is None or lay.anyres is None for lay in layouts):
+        raise LayoutError("assemble needs one AnyRes layout per image (vtc.Layout.for_anyres)")
+    if any(len(set(lay.grids)) != 1 for lay in layouts):
+        raise LayoutError("assemble needs every partition of an image to have the same patch grid")
+    if policy != "none" and newline is None:
+        raise LayoutError(f"newline policy {policy!r} needs the model's image_newline vector")
+    B, N = tokens.x.shape[:2]
+    dev = tokens.device
+    valid = tokens.valid
+    group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+    r, c, h, w = tokens.grid_position()
+    crop = valid & (group >= 1)
+    s = _pooled_factor(tokens, crop, r, c, h, w)  # [B]
+    # per-image grid facts on the effective (possibly pooled) grid; a loop over images on Python ints
+    meta = []
+    for b, lay in enumerate(layouts):
+        nh, nw = lay.anyres
+        gh, gw = lay.grids[0]
+        sb = int(s[b])
+        eh, ew = gh // sb, gw // sb
+        bounds = unpad_bounds(nh * eh, nw * ew, lay.image_size) if unpad else (0, nh * eh, 0, nw * ew)
+        meta.append((nh, nw, eh, ew, *bounds, lay.num_tokens))
+    m = torch.tensor(meta, dtype=torch.long, device=dev)
+    nH, nW, eh, ew, r0, r1, c0, c1, ntok = (m[:, i:i + 1] for i in range(9))
+    Wb = nW * ew  # big-grid width, per image [B, 1]
+    # crop tokens: big-grid cell (on the effective grid)
+    ci = (group - 1).clamp_min(0)
+    R = (ci // nW) * eh + r // s.unsqueeze(1)
+    C = (ci % nW) * ew + c // s.unsqueeze(1)
+    inside = crop & (R >= r0) & (R < r1) & (C >= c0) & (C < c1)
+    base = valid & (group == 0)
+    pos = torch.arange(N, device=dev).expand(B, N)
+    big = torch.full_like(pos, -1)
+    tok_key = torch.where(base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
+    # newline entries, one candidate per big-grid row
+    H = int((nH * eh).max().item())
+    rows = torch.arange(H, device=dev).expand(B, H)
+    if policy == "rows":
+        has = torch.zeros(B, H + 1, dtype=torch.bool, device=dev)
+        has.scatter_(1, torch.where(inside, R, torch.full_like(R, H)).clamp(0, H), True)
+        nl_ok = has[:, :H]
+    elif policy == "unpadded_rows":
+        nl_ok = (rows >= r0) & (rows < r1)
+    elif policy == "all_rows":
+        nl_ok = rows < nH * eh
+    else:
+        nl_ok = torch.zeros(B, H, dtype=torch.bool, device=dev)
+    nl_key = torch.where(nl_ok, N + rows * (Wb + 1) + Wb, torch.full_like(rows, -1))
+    keys = torch.cat([tok_key, nl_key], 1)  # [B, N + H]
+    live = keys >= 0
+    order = torch.sort(torch.where(live, keys, torch.full_like(keys, torch.iinfo(torch.long).max)), dim=1,
+                       stable=True).indices
+    n_out = live.sum(1)
+    K = int(n_out.max().item()) if B else 0
+    order = order[:, :K]
+    out_valid = torch.arange(K, device=dev).unsqueeze(0) < n_out.unsqueeze(1)
+    is_nl = order >= N
+    tok_pos = order.clamp_max(N - 1)
+    nl_row = (order - N).clamp(0, max(H - 1, 0))
+    rows_b = torch.arange(B, device=dev).unsqueeze(1)
+
+    def pick(t: Tensor, nl_value: Tensor | float) -> Tensor:
+        g = t[rows_b, tok_pos]
+        shape = (B, K, *([1] * (g.dim() - 2)))
+        nl = nl_value if isinstance(nl_value, Tensor) else torch.full_like(g, nl_value)
+        g = torch.where(is_nl.view(shape), nl, g)
+        if g.is_floating_point():
+            g = g.masked_fill(~out_valid.view(shape), 0)
+        return g
+
+    nl_x = newline.to(tokens.x.dtype).to(dev).expand(B, K, -1) if newline is not None else 0.0
+    nl_group = 1 + (nl_row // eh) * nW + (nW - 1)
+    return VisualTokens(
+        x=pick(tokens.x, nl_x),
+        mask=None if bool(out_valid.all()) else out_valid,
+        index=torch.where(is_nl, ntok + nl_row, tokens.index[rows_b, tok_pos]),
+        size=None if tokens.size is None else pick(tokens.size, 1.0),
+        group=torch.where(is_nl, nl_group, group[rows_b, tok_pos]),
+        layout=tokens.layout,
+        signals={k: {l: pick(t, 0.0) for l, t in v.items()} for k, v in tokens.signals.items()},
+        budget=tokens.budget,
+    )

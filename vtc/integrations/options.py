@@ -1,0 +1,100 @@
+"""Options of ``vtc.apply``: position ids after compaction, and LLaVA-NeXT assembly choices.
+
+``position_ids``: ``"contiguous"`` renumbers the compacted sequence with no gaps (as DivPrune's
+code does: HF recomputes positions over the shorter sequence); ``"original"`` keeps every surviving
+token's original position id, gaps included, and decoding continues from the original length (as
+FastV does).
+
+LLaVA-NeXT only:
+
+- ``newline``: ``"auto"`` (the policy an operator in the pipeline declares in
+  ``Operator.newline_policy``, else ``"rows"``), ``"rows"``, ``"unpadded_rows"``, ``"all_rows"``
+  or ``"none"`` (see :mod:`vtc.integrations.anyres`).
+- ``llm_view``: where stage-``llm`` operators see the tokens. ``"partitions"``: each image's
+  partitions before the assembly (``group``/``layout`` set; M3 pools every partition this way);
+  ``"assembled"``: the assembled sequence with its newline tokens (DivPrune's official code).
+  ``"auto"``: the assembly happens right before the first llm-stage operator that declares
+  ``anyres_view = "assembled"``, so ``"m3:keep=144 | divprune:keep=64"`` pools the partitions and
+  DivPrune picks from the assembled sequence; with no such operator, after all of them.
+- ``unpad``: apply LLaVA-NeXT's unpadding (default True; False keeps the padded grid, as the
+  ``spatial`` merge of FasterVLM / HiPrune / VisionZip does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vtc.errors import ConfigError
+from vtc.integrations.anyres import NEWLINE_POLICIES
+
+__all__ = ["ApplyOptions", "POSITION_MODES", "LLM_VIEWS"]
+
+POSITION_MODES = ("contiguous", "original")
+LLM_VIEWS = ("auto", "partitions", "assembled")
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """Validated options of ``vtc.apply`` (see the module docstring)."""
+
+    position_ids: str = "contiguous"
+    newline: str = "auto"
+    llm_view: str = "auto"
+    unpad: bool = True
+
+    def __post_init__(self) -> None:
+        if self.position_ids not in POSITION_MODES:
+            raise ConfigError(f"position_ids must be one of {POSITION_MODES}, got {self.position_ids!r}")
+        if self.newline not in ("auto", *NEWLINE_POLICIES):
+            raise ConfigError(f"newline must be one of {('auto', *NEWLINE_POLICIES)}, got {self.newline!r}")
+        if self.llm_view not in LLM_VIEWS:
+            raise ConfigError(f"llm_view must be one of {LLM_VIEWS}, got {self.llm_view!r}")
+        if not isinstance(self.unpad, bool):
+            raise ConfigError(f"unpad must be True or False, got {self.unpad!r}")
+
+    @classmethod
+    def from_kwargs(cls, options: dict[str, Any]) -> ApplyOptions:
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ConfigError(f"vtc.apply got unknown option(s) {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+        return cls(**options)
+
+    def newline_policy(self, pipeline: Any) -> str:
+        """The concrete newline policy for ``pipeline`` (resolving ``"auto"``)."""
+        if self.newline != "auto":
+            return self.newline
+        declared = {}
+        for op in pipeline:
+            pol = getattr(op, "newline_policy", None)
+            if pol is not None:
+                if pol not in NEWLINE_POLICIES:
+                    raise ConfigError(f"operator {op.name!r} declares newline_policy={pol!r}; use one of {NEWLINE_POLICIES}")
+                declared[op.name] = pol
+        if len(set(declared.values())) > 1:
+            raise ConfigError(
+                f"operators declare different LLaVA-NeXT newline policies {declared}; "
+                "pass vtc.apply(..., newline=...) to choose one"
+            )
+        return next(iter(declared.values()), "rows")
+
+    def assembly_point(self, pipeline: Any) -> int:
+        """Index into ``pipeline.ops`` before which the AnyRes assembly runs (``len(ops)``: after all).
+
+        Only llm-stage operators sit after the assembly; vision-stage ones always see partitions.
+        """
+        ops = list(pipeline)
+        llm = [i for i, op in enumerate(ops) if op.stage == "llm"]
+        if self.llm_view == "partitions" or not llm:
+            return len(ops)
+        if self.llm_view == "assembled":
+            return llm[0]
+        first = next((i for i in llm if getattr(ops[i], "anyres_view", None) == "assembled"), len(ops))
+        for i in llm:
+            if i > first and getattr(ops[i], "anyres_view", None) == "partitions":
+                raise ConfigError(
+                    f"operator {ops[i].name!r} works on AnyRes partitions but follows {ops[first].name!r}, which "
+                    "works on the assembled sequence; reorder them or pass vtc.apply(..., llm_view='partitions')"
+                )
+        return first
