@@ -58,7 +58,7 @@ def divprune_order(x: Tensor, valid: Tensor, steps: int) -> Tensor:
     inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
     # nearest-other distance of each column j: 2nd smallest over valid rows (the smallest is self)
     col = dist.masked_fill(~valid.unsqueeze(2), inf)
-    nearest = col.kthvalue(2, dim=1).values if N >= 2 else torch.full_like(valid, inf, dtype=dist.dtype)
+    nearest = col.topk(2, dim=1, largest=False).values[:, 1] if N >= 2 else torch.full_like(valid, inf, dtype=dist.dtype)
     nearest = nearest.masked_fill(~valid, -inf)
     rows = torch.arange(B, device=x.device)
     pick = nearest.argmax(1)
