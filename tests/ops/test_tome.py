@@ -245,3 +245,32 @@ def test_config_defaults():
     op = _op(3)
     assert op.stage == "vision" and op.config.compat == "official" and not op.config.restore_order
     assert not op.config.protect_cls and op.config.metric == "auto"
+
+
+def test_merges_stay_inside_partitions():
+    """Tokens of different partitions never merge, even when they are the most similar pairs."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    # partition 1 repeats partition 0 up to tiny noise: every cross-partition pair is a near-duplicate
+    x = torch.cat([base, base + 1e-6 * torch.randn(12, 6, generator=g, dtype=torch.float64)]).unsqueeze(0)
+    group = torch.tensor([[0] * 12 + [1] * 12])
+    for compat in ("official", "clean"):
+        out = vtc.create("tome", keep=6, compat=compat)(VisualTokens(x=x, group=group))
+        assert out.counts.tolist() == [6]
+        for p in (0, 1):
+            assert float(out.size[out.group == p].sum()) == 12.0  # every member came from partition p
+        idx, grp = out.index[0], out.group[0]
+        assert bool(((idx < 12) == (grp == 0)).all())
+
+
+@pytest.mark.parametrize("compat", ["official", "clean"])
+def test_below_one_token_per_partition_merges_across(compat):
+    """Same-partition pairs go first; only then do merges cross partitions, index and group consistent."""
+    x = torch.randn(1, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    group = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    t = VisualTokens(x=x, group=group)
+    three = vtc.create("tome", keep=3, compat=compat)(t)
+    assert sorted(three.group[0].tolist()) == [0, 1, 2] and three.size[0].tolist() == [2.0, 2.0, 2.0]
+    two = vtc.create("tome", keep=2, compat=compat)(t)
+    assert two.counts.tolist() == [2] and float(two.size.sum()) == 6.0
+    assert torch.equal(two.group[0], two.index[0] // 2)  # each token's partition is its index's

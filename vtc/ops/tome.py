@@ -20,6 +20,11 @@ each one contains, and that index becomes the token's ``index`` (in official ord
 away. ``metric``: ``"auto"`` (keys if recorded, else features), ``"keys"`` (required; the tap records
 them at ``layer``) or ``"x"``. Merged ``keys`` follow the size-weighted mean, so later steps match
 on the merged metric (as AIM does for merging outside a ViT).
+
+Partitions: when tokens carry ``group`` (LLaVA-NeXT's base view and crops), a token merges with
+tokens of its own partition; only once every partition is down to one token do merges cross
+partitions (a budget below one token per partition). A merged token keeps its representative's
+``index`` and ``group`` together. (ToMe itself knows no partitions; this is vtc's rule.)
 """
 
 from __future__ import annotations
@@ -56,12 +61,17 @@ class ToMeConfig(SelectConfig):
             raise BudgetError(f"tome r= is the number of merges per step and must be positive, got {self.r}")
 
 
-def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool,
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool, group: Tensor | None = None,
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One bipartite soft-matching step on left-packed rows.
 
+    With ``group`` ``[B, N]``, an A token may only merge into a B token of the same partition, and
+    ``r`` is capped per row at the number of A tokens that have such a partner; a row where no
+    A token has one matches across partitions instead (so a budget below one token per partition
+    can still be met).
     Returns ``assign [B, N]`` (output slot per position), ``rep [B, M]`` (representative position
-    per slot) and ``slot_valid [B, M]``, in ToMe's output order ``[unmerged A, B]``.
+    per slot), ``slot_valid [B, M]``, in ToMe's output order ``[unmerged A, B]``, and the ``r``
+    actually merged per row.
     """
     B, N, _ = metric.shape
     dev = metric.device
@@ -81,7 +91,12 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
     scores = scores.masked_fill(~a_valid.unsqueeze(2), float("-inf"))
     if protect:
         scores[:, 0, :] = float("-inf")
+    if group is not None and Nb > 0:
+        same = scores.masked_fill(group[:, a_pos].unsqueeze(2) != group[:, b_pos].unsqueeze(1), float("-inf"))
+        has_pair = torch.isfinite(same).flatten(1).any(1)
+        scores = torch.where(has_pair.view(B, 1, 1), same, scores)
     best, best_dst = scores.max(-1)
+    r = torch.minimum(r, torch.isfinite(best).sum(1))
     order = torch.sort(best, dim=1, descending=True, stable=True).indices  # [B, Na] A indices
     inv = torch.empty_like(order).scatter_(1, order, torch.arange(Na, device=dev).expand(B, Na))
     nA = a_valid.sum(1)
@@ -112,7 +127,7 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
     assign = torch.where(idle, torch.where(valid, pos, torch.full_like(pos, -1)), assign)
     rep = torch.where(idle, torch.arange(M, device=dev).expand(B, M).clamp_max(N - 1), rep)
     slot_valid = torch.arange(M, device=dev).unsqueeze(0) < (n - r).unsqueeze(1)
-    return assign, rep, slot_valid
+    return assign, rep, slot_valid, r
 
 
 @register("tome")
@@ -137,7 +152,10 @@ class ToMe(Selector):
         protect = 1 if cfg.protect_cls else 0
         sort_back = cfg.restore_order or cfg.compat == "clean"
         if sort_back:
-            first = tokens.index.to(torch.float64)
+            # min over members of (index, group) packed in one exact float64: the first member and its partition
+            G = tokens.num_groups
+            grp = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+            first = tokens.index.to(torch.float64) * G + grp.to(torch.float64)
             tokens = tokens.replace(signals={**tokens.signals, _FIRST: {0: first}})
         key_layer = None
         if cfg.metric != "x" and tokens.signals.get("keys"):
@@ -163,16 +181,17 @@ class ToMe(Selector):
                     )
                 break
             metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
-            assign, rep, slot_valid = bipartite_step(metric, n, r, bool(protect))
+            assign, rep, slot_valid, _ = bipartite_step(metric, n, r, bool(protect), tokens.group)
             tokens = tokens.merge(assign, rep, None if bool(slot_valid.all()) else slot_valid)
             if one_step:
                 break
         if sort_back:
             first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, float("inf"))
             tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
-            # in raster order each merged token is identified by its first original patch
+            # in raster order each merged token is identified by its first original patch (and its partition)
             first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, 0).long()
-            tokens = tokens.replace(index=first, signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+            tokens = tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
+                                    signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
         if bool(drop_all.any()):
             tokens = tokens.keep_mask((~drop_all).unsqueeze(1).expand(tokens.x.shape[:2]))
         return tokens
