@@ -28,7 +28,8 @@ from torch import Tensor
 from vtc.errors import ConfigError, LayoutError
 from vtc.tokens import Layout, VisualTokens
 
-__all__ = ["NEWLINE_POLICIES", "unpad_bounds", "anyres_layout", "stock_length", "group_partitions", "assemble"]
+__all__ = ["NEWLINE_POLICIES", "unpad_bounds", "anyres_layout", "stock_length", "group_partitions", "drop_padding",
+           "assemble"]
 
 NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
 
@@ -105,6 +106,34 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
         layout=tuple(layouts),
         signals={k: {l: take(t) for l, t in v.items()} for k, v in flat.signals.items()},
     )
+
+
+def drop_padding(tokens: VisualTokens) -> VisualTokens:
+    """The tokens without the crop cells that LLaVA-NeXT's unpadding removes (order kept).
+
+    ``tokens`` are per-image partitions as :func:`group_partitions` returns them (unpooled grids).
+    """
+    layouts = tokens.layouts()
+    if any(lay is None or lay.anyres is None for lay in layouts):
+        raise LayoutError("drop_padding needs one AnyRes layout per image (vtc.Layout.for_anyres)")
+    B, N = tokens.x.shape[:2]
+    dev = tokens.device
+    group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+    r, c, h, w = tokens.grid_position()
+    meta = []
+    for lay in layouts:  # per-image geometry on Python ints
+        nh, nw = lay.anyres
+        gh, gw = lay.grids[0]
+        meta.append((nw, *unpad_bounds(nh * gh, nw * gw, lay.image_size)))
+    m = torch.tensor(meta, dtype=torch.long, device=dev)
+    nW, r0, r1, c0, c1 = (m[:, i:i + 1] for i in range(5))
+    ci = (group - 1).clamp_min(0)
+    R = (ci // nW) * h + r
+    C = (ci % nW) * w + c
+    inside = (group == 0) | ((R >= r0) & (R < r1) & (C >= c0) & (C < c1))
+    if bool((inside | ~tokens.valid).all()):
+        return tokens
+    return tokens.keep_mask(inside)
 
 
 def _pooled_factor(tokens: VisualTokens, crop: Tensor, r: Tensor, c: Tensor, h: Tensor, w: Tensor) -> Tensor:

@@ -98,6 +98,7 @@ class _LlavaCompressor:
         if self.kind == "llava_next":
             self.newline_policy = options.newline_policy(pipeline)
             self.assemble_at = options.assembly_point(pipeline)
+            self.drop_padding = options.drops_padding(pipeline, self.assemble_at)
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ vision side
@@ -150,6 +151,8 @@ class _LlavaCompressor:
         if projected:  # project exactly as stock does, partition by partition
             flat = flat.replace(x=self.projector(flat.x))
         tokens = anyres.group_partitions(flat, parts, layouts)
+        if self.drop_padding:
+            tokens = anyres.drop_padding(tokens)
         newline = self.inner.image_newline
 
         def assemble(t: VisualTokens) -> VisualTokens:

@@ -18,6 +18,10 @@ LLaVA-NeXT only:
   DivPrune picks from the assembled sequence; with no such operator, after all of them.
 - ``unpad``: apply LLaVA-NeXT's unpadding (default True; False keeps the padded grid, as the
   ``spatial`` merge of FasterVLM / HiPrune / VisionZip does).
+- ``padding``: whether the first operator sees the crop tokens that unpadding removes.
+  ``"auto"``: only if it declares ``Operator.sees_padding`` (m3, pool, HiRED official), else they
+  are dropped before it so every token it keeps reaches the language model; ``"keep"``;
+  ``"drop"``. (Padding tokens an operator keeps are removed by the assembly in any case.)
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ __all__ = ["ApplyOptions", "POSITION_MODES", "LLM_VIEWS"]
 
 POSITION_MODES = ("contiguous", "original")
 LLM_VIEWS = ("auto", "partitions", "assembled")
+PADDING_MODES = ("auto", "keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -42,8 +47,11 @@ class ApplyOptions:
     newline: str = "auto"
     llm_view: str = "auto"
     unpad: bool = True
+    padding: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.padding not in PADDING_MODES:
+            raise ConfigError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
         if self.position_ids not in POSITION_MODES:
             raise ConfigError(f"position_ids must be one of {POSITION_MODES}, got {self.position_ids!r}")
         if self.newline not in ("auto", *NEWLINE_POLICIES):
@@ -78,6 +86,13 @@ class ApplyOptions:
                 "pass vtc.apply(..., newline=...) to choose one"
             )
         return next(iter(declared.values()), "rows")
+
+    def drops_padding(self, pipeline: Any, assemble_at: int) -> bool:
+        """Whether LLaVA-NeXT's padding tokens are removed before the pipeline's first operator."""
+        ops = list(pipeline)
+        if not self.unpad or not ops or assemble_at == 0 or self.padding == "keep":
+            return False  # no unpadding, nothing to run, or the assembly (which unpads) comes first
+        return self.padding == "drop" or not getattr(ops[0], "sees_padding", False)
 
     def assembly_point(self, pipeline: Any) -> int:
         """Index into ``pipeline.ops`` before which the AnyRes assembly runs (``len(ops)``: after all).

@@ -99,6 +99,12 @@ class Operator(nn.Module):
     #: AnyRes assembly (``"partitions"``, M3) or the assembled sequence, newline tokens included
     #: (``"assembled"``, DivPrune's official code). None: no preference (partitions).
     anyres_view: ClassVar[str | None] = None
+    #: LLaVA-NeXT only: whether the operator is given the crop tokens that LLaVA-NeXT's unpadding
+    #: removes (the padding around a non-square image). False (default): when this operator runs
+    #: first, the integration drops those tokens before it, so every token it keeps reaches the
+    #: language model. True: grid pooling (m3, pool: M3 pools whole partitions before unpadding)
+    #: and HiRED's official code, which ranks padding tokens too.
+    sees_padding: ClassVar[bool] = False
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()

@@ -128,6 +128,11 @@ class HiRED(Allocator):
         """``"none"`` (official: HiRED emits no newline tokens) or ``"rows"`` (clean: standard LLaVA-NeXT)."""
         return "none" if self.config.compat == "official" else "rows"
 
+    @property
+    def sees_padding(self) -> bool:
+        """Official HiRED ranks every crop token, padding included; clean HiRED never keeps padding."""
+        return self.config.compat == "official"
+
     # ------------------------------------------------------------------ budgets
     def _total(self, n: int) -> int:
         cfg = self.config

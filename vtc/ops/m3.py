@@ -39,6 +39,7 @@ class M3Config(OpConfig):
 
 @register("m3")
 class M3(Operator):
+    sees_padding = True  # pools whole partitions, as LLaVA-NeXT-M3 does before unpadding
     Config = M3Config
     default_stage = "llm"
     anyres_view = "partitions"

@@ -42,6 +42,7 @@ class PoolConfig(SelectConfig):
 
 @register("pool")
 class Pool(Selector):
+    sees_padding = True  # pools whole partitions, as LLaVA-NeXT-M3 does before unpadding
     Config = PoolConfig
     default_stage = "llm"
 
