@@ -99,7 +99,8 @@ class MQTProjector(nn.Module):
         if (h, w) == (self.side, self.side):
             return self.pos
         t = self.pos.reshape(1, self.side, self.side, self.dim).permute(0, 3, 1, 2)
-        t = F.interpolate(t.float(), size=(h, w), mode="bicubic", align_corners=False)
+        t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        t = F.interpolate(t, size=(h, w), mode="bicubic", align_corners=False)
         return t.permute(0, 2, 3, 1).reshape(h * w, self.dim).to(self.pos.dtype)
 
     def forward(self, x: Tensor, m: int | None = None, *, grid: tuple[int, int] | None = None,

@@ -93,10 +93,8 @@ class ShapesVQA:
 
 
 def _easy_qtype(question: str) -> tuple[str, str]:
-    if question.startswith("what color"):
-        return "attribute", "color"
-    if question.startswith("what"):
-        return "attribute", "shape"
+    if question.startswith("what"):  # "what color is ...", "what is the color of ...", "what is the blue shape"
+        return "attribute", "color" if " color " in f" {question} " else "shape"
     return "exist", "negated" if " not " in f" {question} " else "plain"
 
 
