@@ -63,9 +63,8 @@ def word_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, image_tok
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": image_token}, padding_side="left",
     )
-    fast.padding_side = "left"
     return fast
 
 
