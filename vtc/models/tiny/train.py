@@ -118,20 +118,18 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     def _init_from(self, init: str | None) -> None:
-        from safetensors.torch import load_file
-
         from vtc.models.tiny.assets import model_dir
+        from vtc.models.tiny.loading import load
 
         src = Path(init) if init else model_dir(self.v.init_from)
-        f = src / "model.safetensors"
-        if not f.is_file():
-            raise ConfigError(f"{self.v.name} starts from a trained {self.v.init_from}: no {f}; train it first "
-                              f"or pass --init FOLDER (e.g. runs/{self.v.init_from}/final)")
-        sd = {k: v.float() for k, v in load_file(str(f)).items()}
-        missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise ConfigError(f"--init {src}: weights do not fit {self.v.name} (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        if not (src / "config.json").is_file():
+            raise ConfigError(f"{self.v.name} starts from a trained {self.v.init_from}: nothing at {src}; train it "
+                              f"first or pass --init FOLDER (e.g. runs/{self.v.init_from}/final)")
+        sd = load(str(src)).model.state_dict()
+        try:
+            self.model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"--init {src}: its weights do not fit {self.v.name}: {e}") from None
 
     def modules(self) -> dict[str, torch.nn.Module]:
         mods: dict[str, torch.nn.Module] = {"model": self.model}
