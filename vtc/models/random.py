@@ -63,9 +63,8 @@ def word_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, image_tok
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": image_token}, padding_side="left",
     )
-    fast.padding_side = "left"
     return fast
 
 
@@ -115,12 +114,15 @@ def _finish(model, tokenizer, spec: TinySpec):
     return model.eval()
 
 
-def random_llava(spec: TinySpec | None = None, **overrides: Any):
-    """``(model, processor)``: a tiny random ``LlavaForConditionalGeneration`` and its processor."""
+def random_llava(spec: TinySpec | None = None, *, tokenizer: Any = None, **overrides: Any):
+    """``(model, processor)``: a tiny random ``LlavaForConditionalGeneration`` and its processor.
+
+    ``tokenizer``: a word-level tokenizer from :func:`word_tokenizer` (default: over DEFAULT_WORDS).
+    """
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     spec = TinySpec(**overrides) if spec is None else spec
-    tok = word_tokenizer()
+    tok = word_tokenizer() if tokenizer is None else tokenizer
     strategy = "default" if spec.tower == "clip" else "full"
     cfg = LlavaConfig(
         vision_config=_vision_config(spec), text_config=_text_config(spec, len(tok), tok),
@@ -136,12 +138,15 @@ def random_llava(spec: TinySpec | None = None, **overrides: Any):
     return _finish(model, tok, spec), proc
 
 
-def random_llava_next(spec: TinySpec | None = None, **overrides: Any):
-    """``(model, processor)``: a tiny random ``LlavaNextForConditionalGeneration`` (AnyRes) and its processor."""
+def random_llava_next(spec: TinySpec | None = None, *, tokenizer: Any = None, **overrides: Any):
+    """``(model, processor)``: a tiny random ``LlavaNextForConditionalGeneration`` (AnyRes) and its processor.
+
+    ``tokenizer``: as for :func:`random_llava`.
+    """
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     spec = TinySpec(**overrides) if spec is None else spec
-    tok = word_tokenizer()
+    tok = word_tokenizer() if tokenizer is None else tokenizer
     s = spec.image_size
     cfg = LlavaNextConfig(
         vision_config=_vision_config(spec), text_config=_text_config(spec, len(tok), tok),
