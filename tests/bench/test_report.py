@@ -84,3 +84,22 @@ def test_summary_without_rows_and_bad_folder(tmp_path):
     with pytest.raises(ConfigError, match="not a vtc bench run folder"):
         build_report(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_scores_by_question_type():
+    meta = {"id": "c", "model": "m", "task": "t", "method": "uniform", "budget": 64, "metric": "exact"}
+    rows = [dict(_row(f"q{i}", p, a, 64, 1e12), qtype=t) for i, (p, a, t) in enumerate(
+        [("two", "two", "count"), ("one", "three", "count"), ("yes", "yes", "exist"), ("no", "yes", "exist"),
+         ("red", "red", "attribute")])]
+    s = summarize_cell(meta, rows, None)
+    assert s["qtypes"] == ["attribute", "count", "exist"]
+    assert (s["score[count]"], s["score[exist]"], s["score[attribute]"]) == (50.0, 50.0, 100.0)
+    assert s["score"] == 60.0
+    from vtc.bench.report import markdown_table
+
+    table = markdown_table([s])
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert "| score | attribute | count | exist |" in header
+    assert "| 60.00 | 100.00 | 50.00 | 50.00 |" in table
+    one_type = summarize_cell(meta, [dict(r, qtype="count") for r in rows], None)
+    assert "qtypes" not in one_type  # a single type adds nothing to the overall score

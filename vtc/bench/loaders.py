@@ -105,7 +105,7 @@ def get_loader(name: str) -> Loader:
 
 
 #: loader name -> modules that register it on import
-_LAZY: dict[str, tuple[str, ...]] = {"tiny_scenes": ("vtc.models.tiny", "vtc.models.tiny.datasets", "vtc.models.tiny.scenes")}
+_LAZY: dict[str, tuple[str, ...]] = {"tiny_scenes": ("vtc.models.tiny.bench",)}
 
 
 # ----------------------------------------------------------------------------- easy-VQA

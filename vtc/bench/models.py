@@ -101,6 +101,8 @@ def model_entry(data: Mapping[str, Any] | str) -> ModelEntry:
 Source = Callable[[ModelEntry], tuple[Any, Any]]
 _SOURCES: dict[str, Source] = {}
 _CACHE: dict[str, tuple[Any, Any]] = {}
+#: source name -> modules that register it on import (the embedded models: ``tiny``)
+_LAZY_SOURCES: dict[str, tuple[str, ...]] = {"tiny": ("vtc.models.tiny.bench",)}
 
 
 def register_source(name: str):
@@ -122,6 +124,10 @@ def _source(name: str) -> Source:
             return getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"model source {name!r}: cannot import {attr!r} from {mod!r} ({e})") from e
+    for module in _LAZY_SOURCES.get(name, ()):  # sources that live with the models they load
+        importlib.import_module(module)
+        if name in _SOURCES:
+            return _SOURCES[name]
     raise ConfigError(f"unknown model source {name!r}; registered: {', '.join(sorted(_SOURCES))} "
                       "(or name a function as 'package.module:function')")
 

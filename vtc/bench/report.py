@@ -52,6 +52,11 @@ def summarize_cell(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
     scored = metric.summarize(ok)
     out["score"] = scored.pop("score")
     scored.pop("n", None)
+    qtypes = sorted({str(r["qtype"]) for r in ok if r.get("qtype")})
+    if len(qtypes) > 1:  # per question type, e.g. the counting questions of the embedded model's data
+        out["qtypes"] = qtypes
+        for qt in qtypes:
+            out[f"score[{qt}]"] = metric.summarize([r for r in ok if r.get("qtype") == qt])["score"]
     out.update({f"{meta.get('metric')}_{k}": v for k, v in scored.items()})
     out["rows"], out["answered"], out["errors"] = len(rows), len(ok), len(rows) - len(ok)
     if meta.get("method") == "baseline":
@@ -123,11 +128,14 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for (model, task), items in groups.items():
         metric = items[0].get("metric")
+        qtypes = sorted({qt for s in items for qt in s.get("qtypes") or ()})
+        at = [k for k, _, _ in COLUMNS].index("score") + 1
+        cols = COLUMNS[:at] + [(f"score[{qt}]", qt, ".2f") for qt in qtypes] + COLUMNS[at:]
         parts.append(f"### {model} / {task} ({metric})\n")
-        parts.append("| " + " | ".join(h for _, h, _ in COLUMNS) + " |")
-        parts.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+        parts.append("| " + " | ".join(h for _, h, _ in cols) + " |")
+        parts.append("|" + "|".join("---" for _ in cols) + "|")
         for s in items:
-            parts.append("| " + " | ".join(_fmt(s.get(k), f) for k, _, f in COLUMNS) + " |")
+            parts.append("| " + " | ".join(_fmt(s.get(k), f) for k, _, f in cols) + " |")
         parts.append("")
     return "\n".join(parts)
 
