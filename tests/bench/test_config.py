@@ -57,3 +57,19 @@ def test_cli_flags_override(jsonl_task, tmp_path):
     cfg = load_config(tiny_config(jsonl_task, tmp_path), limit=4, stratify="qtype", batch_size=5, output=tmp_path / "o")
     assert cfg.batch_size == 5 and cfg.output == tmp_path / "o"
     assert cfg.tasks[0][1] == {"limit": 4, "stratify": "qtype", "seed": 0}
+
+
+def test_restricting_tasks_pipelines_and_baselines_to_models(jsonl_task, tmp_path):
+    models = [{"name": "a", "source": "random-llava"}, {"name": "b", "source": "random-llava-next"}]
+    cfg = load_config(tiny_config(
+        jsonl_task, tmp_path, models=models, baseline=["a"], budgets=[64],
+        tasks=[str(jsonl_task), {"task": str(jsonl_task), "name": "only-b", "models": ["b"]}],
+        pipelines=["random:keep={budget}", {"pipeline": "uniform:keep={budget}", "models": "b"}]))
+    got = [(c.model.name, c.task.name, c.label) for c in cfg.cells()]
+    t = cfg.tasks[0][0].name
+    assert got == [("a", t, "baseline"), ("a", t, "random@64"),
+                   ("b", t, "random@64"), ("b", t, "uniform@64"),
+                   ("b", "only-b", "random@64"), ("b", "only-b", "uniform@64")]
+    with pytest.raises(ConfigError, match=r"model\(s\) \['c'\]"):
+        load_config(tiny_config(jsonl_task, tmp_path, models=models, pipelines=[{"pipeline": "random:keep=4",
+                                                                                   "models": ["c"]}]))

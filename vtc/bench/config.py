@@ -7,14 +7,15 @@
     models: [...]                 # see vtc.bench.models
     tasks:                        # manifest paths (relative to this file) or mappings
       - ../tasks/easy_vqa.yaml
-      - {task: ../tasks/pope.yaml, limit: 500, stratify: answer}
+      - {task: ../tasks/pope.yaml, limit: 500, stratify: answer, models: [llava-7b]}   # models: only these
     pipelines:                    # "{budget}" is replaced by each budget
       - divprune:keep={budget}
       - {name: cls+tome, pipeline: "vtc-cls:keep=192 | tome:keep={budget}"}
       - {name: m3, pipeline: "m3:keep={budget}", budgets: [36, 144]}
       - {name: divprune-orig-pos, pipeline: "divprune:keep={budget}", apply: {position_ids: original}}
+      - {pipeline: "mqt:keep={budget}", models: [tiny-mqt]}   # models: only on these models
     budgets: [64, 128, 192]
-    baseline: true                # the uncompressed model, once per model x task
+    baseline: true                # the uncompressed model, once per model x task (or a list of model names)
     batch_size: 8
     limit: 200                    # per task; null = all questions
     stratify: qtype               # qtype | answer | null
@@ -83,18 +84,22 @@ class PipelineSpec:
     template: Any
     budgets: list[int | float] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of vtc.apply
+    models: list[str] | None = None  # run only on these models (None: every model)
 
     @classmethod
     def parse(cls, entry: Any, budgets: list[int] | None) -> PipelineSpec:
         options: dict[str, Any] = {}
+        models = None
         if isinstance(entry, str):
             template, name, own = entry, None, None
         elif isinstance(entry, Mapping):
-            unknown = set(entry) - {"name", "pipeline", "budgets", "apply"}
+            unknown = set(entry) - {"name", "pipeline", "budgets", "apply", "models"}
             if "pipeline" not in entry or unknown:
-                raise ConfigError(f"a pipelines entry is a string or {{name, pipeline, budgets, apply}}, got {dict(entry)!r}")
+                raise ConfigError(
+                    f"a pipelines entry is a string or {{name, pipeline, budgets, apply, models}}, got {dict(entry)!r}")
             template, name, own = entry["pipeline"], entry.get("name"), entry.get("budgets")
             options = dict(entry.get("apply") or {})
+            models = entry.get("models")
         else:
             raise ConfigError(f"a pipelines entry is a string or a mapping, got {entry!r}")
         if name is None:
@@ -105,12 +110,14 @@ class PipelineSpec:
             name = "+".join(str(o.get("op", "?")) for o in ops)
         if name == BASELINE:
             raise ConfigError(f"{BASELINE!r} is reserved for the uncompressed model; rename the pipeline")
+        if models is not None:
+            models = [models] if isinstance(models, str) else [str(m) for m in models]
         if not _has_placeholder(template):
-            return cls(name=name, template=template, budgets=None, options=options)
+            return cls(name=name, template=template, budgets=None, options=options, models=models)
         use = own if own is not None else budgets
         if not use:
             raise ConfigError(f"pipeline {name!r} has a {{budget}} placeholder but no budgets are given")
-        return cls(name=name, template=template, budgets=[_number(b) for b in use], options=options)
+        return cls(name=name, template=template, budgets=[_number(b) for b in use], options=options, models=models)
 
 
 @dataclass
@@ -166,7 +173,8 @@ class BenchConfig:
     models: list[ModelEntry]
     tasks: list[tuple[Task, dict[str, Any]]]
     pipelines: list[PipelineSpec]
-    baseline: bool = True
+    baseline: bool | list[str] = True  # or the names of the models that get one
+    task_models: dict[str, list[str]] = field(default_factory=dict)  # task name -> the only models it runs on
     batch_size: int = 8
     seed: int = 0
     latency: LatencyConfig = field(default_factory=LatencyConfig)
@@ -177,9 +185,13 @@ class BenchConfig:
         out = []
         for model in self.models:
             for task, sel in self.tasks:
-                if self.baseline:
+                if model.name not in self.task_models.get(task.name, [model.name]):
+                    continue
+                if self.baseline is True or (isinstance(self.baseline, list) and model.name in self.baseline):
                     out.append(Cell(model, task, BASELINE, None, None, sel))
                 for p in self.pipelines:
+                    if p.models is not None and model.name not in p.models:
+                        continue
                     for b in (p.budgets or [None]):
                         out.append(Cell(model, task, p.name, b, _substitute(p.template, b), sel, p.options))
         ids = [c.id for c in out]
@@ -222,10 +234,13 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
     g_strat = stratify if stratify is not None else data.get("stratify")
     seed = int(data.get("seed", 0))
     tasks = []
+    task_models: dict[str, list[str]] = {}
     for t in data["tasks"]:
+        only = None
         if isinstance(t, Mapping) and "task" in t:
             t = dict(t)
             src = t.pop("task")
+            only = t.pop("models", None)
             t_limit = limit if limit is not None else t.pop("limit", g_limit)
             t_strat = stratify if stratify is not None else t.pop("stratify", g_strat)
             t.pop("limit", None), t.pop("stratify", None)
@@ -235,6 +250,8 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
         if t_strat is not None and t_strat not in STRATA:
             raise ConfigError(f"stratify must be one of {STRATA} or null, got {t_strat!r}")
         tasks.append((task, {"limit": None if t_limit is None else int(t_limit), "stratify": t_strat, "seed": seed}))
+        if only is not None:
+            task_models[task.name] = [only] if isinstance(only, str) else [str(m) for m in only]
     names = [t.name for t, _ in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be unique in a config, got {names}")
@@ -243,12 +260,22 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
         raise ConfigError(f"model names must be unique in a config, got {[m.name for m in models]}")
     budgets = data.get("budgets")
     pipelines = [PipelineSpec.parse(p, budgets) for p in (data.get("pipelines") or [])]
+    baseline = data.get("baseline", True)
+    if isinstance(baseline, str):
+        baseline = [baseline]
+    known = {m.name for m in models}
+    named = [*(baseline if isinstance(baseline, list) else []), *(n for ms in task_models.values() for n in ms),
+             *(n for p in pipelines for n in (p.models or []))]
+    missing = sorted(set(named) - known)
+    if missing:
+        raise ConfigError(f"the config names model(s) {missing} that are not in its models list {sorted(known)}")
     lat = LatencyConfig.from_config(data.get("latency", True))
     if latency is False:
         lat.enabled = False
     out = Path(output) if output is not None else Path(data.get("output") or f"runs/{_safe(name)}")
     return BenchConfig(
         name=name, output=out, models=models, tasks=tasks, pipelines=pipelines,
-        baseline=bool(data.get("baseline", True)), batch_size=int(batch_size or data.get("batch_size", 8)),
+        baseline=[str(b) for b in baseline] if isinstance(baseline, list) else bool(baseline),
+        task_models=task_models, batch_size=int(batch_size or data.get("batch_size", 8)),
         seed=seed, latency=lat, source=data,
     )
