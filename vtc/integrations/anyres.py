@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import ConfigError, LayoutError
+from vtc.ops.anyres import unpad_bounds as _unpad_bounds
 from vtc.tokens import Layout, VisualTokens
 
 __all__ = ["NEWLINE_POLICIES", "unpad_bounds", "anyres_layout", "stock_length", "group_partitions", "drop_padding",
@@ -37,20 +38,10 @@ NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
 def unpad_bounds(grid_h: int, grid_w: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The rectangle ``(r0, r1, c0, c1)`` of a ``grid_h x grid_w`` grid that LLaVA-NeXT keeps.
 
-    ``image_size`` is the original ``(height, width)``. Same rule as transformers'
-    ``unpad_image``: if the image is wider than the grid, rows ``[pad, grid_h - pad)`` with
-    ``pad = (grid_h - int(round(height * grid_w / width, 7))) // 2``; otherwise the same for columns.
+    ``image_size`` is the original ``(height, width)``; the rule is transformers' ``unpad_image``
+    (one implementation, in :func:`vtc.ops.anyres.unpad_bounds`, which the allocators use too).
     """
-    oh, ow = (int(v) for v in image_size)
-    if oh <= 0 or ow <= 0:
-        raise LayoutError(f"image_size must be a positive (height, width), got {image_size!r}")
-    if ow / oh > grid_w / grid_h:
-        new_h = int(round(oh * (grid_w / ow), 7))
-        pad = (grid_h - new_h) // 2
-        return pad, grid_h - pad, 0, grid_w
-    new_w = int(round(ow * (grid_h / oh), 7))
-    pad = (grid_w - new_w) // 2
-    return 0, grid_h, pad, grid_w - pad
+    return _unpad_bounds((grid_h, grid_w), tuple(int(v) for v in image_size))
 
 
 def anyres_layout(grid: tuple[int, int], crops: tuple[int, int], image_size: tuple[int, int]) -> Layout:
