@@ -256,8 +256,9 @@ def test_allocator_alone_or_last_runs_its_own_forward(alloc):
 
 
 def test_selector_after_allocator_must_not_set_its_own_budget(alloc):
-    for spec in (f"{alloc} | divprune:keep=4", f"{alloc} | random:ratio=0.5"):
-        with pytest.raises(ConfigError, match="drop keep=/ratio="):
+    for spec, arg in ((f"{alloc} | divprune:keep=4", "keep="), (f"{alloc} | random:ratio=0.5", "ratio="),
+                      (f"{alloc} | pool:grid=2", "grid=")):
+        with pytest.raises(ConfigError, match=f"drop {arg} from"):
             build(spec)
     build(f"{alloc} | tome:r=2")  # tome's r= is a merge rate, not a budget
     build(f"{alloc} | m3:keep=9")  # m3 does not select to a budget, so it does not fill one

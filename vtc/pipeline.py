@@ -57,11 +57,11 @@ class Pipeline(nn.Module):
                 )
         for i, op in enumerate(self.ops):
             fills = i > 0 and self.ops[i - 1].allocates and op.selects
-            cfg = op.config
-            if fills and (getattr(cfg, "keep", None) is not None or getattr(cfg, "ratio", None) is not None):
+            own = getattr(op, "own_budget_args", lambda: [])()
+            if fills and own:
                 raise ConfigError(
                     f"{op.name!r} follows the allocator {self.ops[i - 1].name!r}, which sets its budgets; "
-                    f"drop keep=/ratio= from {op.name!r}"
+                    f"drop {'/'.join(a + '=' for a in own)} from {op.name!r}"
                 )
 
     # ------------------------------------------------------------------ running

@@ -173,6 +173,11 @@ class Selector(Operator):
         # images that do not (so a batch gives what each image gives alone)
         return _take_rows(tokens, out, fits) if bool(fits.any()) else out
 
+    def own_budget_args(self) -> list[str]:
+        """The arguments set on this operator that fix its own budget (an allocator's budgets would
+        conflict with them)."""
+        return [a for a in ("keep", "ratio") if getattr(self.config, a, None) is not None]
+
     def resolve_keep(self, counts: Tensor) -> Tensor:
         """Per-image budget ``k`` ``[B]`` from ``keep``/``ratio`` (clamped to the tokens present)."""
         cfg = self.config

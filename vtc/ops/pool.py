@@ -46,6 +46,9 @@ class Pool(Selector):
     Config = PoolConfig
     default_stage = "llm"
 
+    def own_budget_args(self) -> list[str]:
+        return super().own_budget_args() + (["grid"] if self.config.grid is not None else [])
+
     def resolve_keep(self, counts: Tensor) -> Tensor:
         if self.config.grid is not None:
             gh, gw = self.config.grid
