@@ -41,18 +41,7 @@ def device_name(device: torch.device | str) -> str:
 
 
 def attention_backend(model: Any = None, device: torch.device | str = "cpu") -> str:
-    """A short name of the attention kernel in use (``vtc.attention`` when available)."""
-    try:
-        import vtc.attention as va  # being written on another branch; optional here
-
-        for name in ("backend_name", "backend", "current_backend"):
-            fn = getattr(va, name, None)
-            if callable(fn):
-                return str(fn())
-            if isinstance(fn, str):
-                return fn
-    except ImportError:
-        pass
+    """The model's own attention implementation (``sdpa[flash,...]`` on CUDA, ``sdpa[cpu]``, ``eager``, ...)."""
     impl = None
     if model is not None:
         cfg = getattr(model, "config", None)
@@ -69,9 +58,18 @@ def attention_backend(model: Any = None, device: torch.device | str = "cpu") -> 
     return str(impl)
 
 
+def vtc_attention_backend(device: torch.device | str, dtype: torch.dtype | None) -> str:
+    """The backend ``vtc.attention`` (taps, vtc's own attention) uses on this device and dtype."""
+    from vtc.attention import backend_name
+
+    return str(backend_name(torch.device(device), dtype))
+
+
 def environment(model: Any = None, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> dict[str, Any]:
-    """``{"device", "dtype", "attention", **versions}`` for a row."""
+    """``{"device", "dtype", "attention" (the model's), "vtc_attention", **versions}`` for a row."""
     if dtype is None and model is not None:
         dtype = next(iter(model.parameters())).dtype
+    dt = getattr(torch, str(dtype).replace("torch.", ""), None) if dtype is not None else None
     return {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            "attention": attention_backend(model, device), **versions()}
+            "attention": attention_backend(model, device),
+            "vtc_attention": vtc_attention_backend(device, dt if isinstance(dt, torch.dtype) else None), **versions()}
