@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vtc.errors import UnsupportedModelError
+from vtc.integrations.kv_cache import cache_in, cache_length
 
 __all__ = ["Attachment", "attached", "PromptCounter", "language_model", "vision_tower", "projector"]
 
@@ -120,8 +121,7 @@ class PromptCounter:
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.lengths is not None:
             return  # only the first (prefill) call of a generate
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0:
+        if cache_length(cache_in(kwargs)) > 0:
             return
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from vtc.bench.attach import language_model, projector, vision_tower
 from vtc.errors import ConfigError, UnsupportedModelError
+from vtc.integrations.kv_cache import cache_in, cache_length
 
 __all__ = ["LatencyConfig", "profile", "summarize", "StageClock", "peak_memory", "reset_peak_memory"]
 
@@ -132,8 +133,7 @@ def _hook_stage(module: nn.Module, clock: StageClock, name: str, when: Callable[
 
 
 def _is_prefill(args: tuple, kwargs: dict) -> bool:
-    cache = kwargs.get("past_key_values")
-    return cache is None or not hasattr(cache, "get_seq_length") or int(cache.get_seq_length()) == 0
+    return cache_length(cache_in(kwargs)) == 0
 
 
 def _rss_hwm() -> int | None:

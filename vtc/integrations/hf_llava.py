@@ -16,8 +16,9 @@ A forward's logits are over the compacted sequence; ``handle.last.positions`` ma
 The wrapper's signature hides ``mm_encoder_outputs``, so ``generate()`` does not pre-encode
 images with the stock ``get_image_features`` but hands ``pixel_values`` to the wrapped forward;
 pre-encoded image features reaching the wrapper raise an error instead of going uncompressed.
-Releases that still pass ``cache_position`` get it renumbered over the compacted cache. Tested
-with transformers 5.0.0, 5.12.1 and 5.23.0.
+Releases that still pass ``cache_position`` get it renumbered over the compacted cache; the cache
+comes as ``cache`` or ``past_key_values`` by release (:mod:`vtc.integrations.kv_cache`). Tested
+with transformers 5.0.0, 5.12.1, 5.23.0 and 5.24.0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor
 from vtc.errors import InputError, UnsupportedModelError
 from vtc.integrations import anyres, compaction
 from vtc.integrations.handle import Compressed, Handle
+from vtc.integrations.kv_cache import cache_in, cache_length, cache_out
 from vtc.integrations.options import ApplyOptions
 from vtc.integrations.signals import open_tap, tokens_from
 from vtc.integrations.stages import replaces_projector, run_stages
@@ -169,8 +171,7 @@ class _LlavaCompressor:
             raise InputError("with vtc.apply, pass input_ids (not inputs_embeds) together with pixel_values")
         if kw.get("mm_encoder_outputs") is not None:
             raise InputError("pass pixel_values or mm_encoder_outputs, not both")
-        cache = kw.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache_length(cache_in(kw)) > 0:
             raise InputError(
                 "vtc compresses images when the prompt is first encoded; this call brings pixel_values to a KV cache "
                 "that already holds tokens. Start from an empty cache (or none)")
@@ -206,7 +207,7 @@ class _LlavaCompressor:
                 call["cache_position"] = torch.arange(plan.length, device=kw["cache_position"].device)
         out = original(**call)
         if plan.changed:
-            new_cache = getattr(out, "past_key_values", None)
+            new_cache = cache_out(out)
             if new_cache is not None:
                 self.states[new_cache] = compaction.DecodeState(
                     prompt_length=input_ids.shape[1], compact_length=plan.length,
@@ -221,13 +222,13 @@ class _LlavaCompressor:
         return out
 
     def decode(self, original: Any, kw: dict[str, Any]) -> Any:
-        cache = kw.get("past_key_values")
+        cache = cache_in(kw)
         state = self.states.get(cache) if cache is not None else None
         if state is None:
             return original(**kw)
         x = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         q = x.shape[1]
-        cache_len = cache.get_seq_length()
+        cache_len = cache_length(cache)
         call = dict(kw)
         call["attention_mask"] = state.attention_mask(kw.get("attention_mask"), cache_len, q)
         call["position_ids"] = state.position_ids(kw.get("position_ids"), cache_len, q, x.device)
