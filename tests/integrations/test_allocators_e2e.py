@@ -79,9 +79,21 @@ def _expected_newlines(policy, layout, patch_index):
     return len(rows)
 
 
+def _assembly_rank(i: int, layout) -> tuple[int, int, int]:
+    """Where patch ``i`` (partition-major tower index) sits in LLaVA-NeXT's assembled sequence:
+    the base view first, then the crop grid row-major across crops."""
+    (h, w), (nh, nw) = layout.grids[0], layout.anyres
+    p, t = divmod(i, h * w)
+    if p == 0:
+        return (0, t, 0)
+    r, c = divmod(p - 1, nw)
+    return (1, r * h + t // w, c * w + t % w)
+
+
 @pytest.mark.parametrize("spec", [
     "hired:ratio=0.2", "hired:ratio=0.2,compat=clean", "hired:ratio=0.2 | divprune",
-    "globalcom2", "globalcom2:compat=clean", "globalcom2 | random",
+    "hired:ratio=0.2,compat=clean | divprune", "globalcom2", "globalcom2:compat=clean", "globalcom2 | random",
+    "globalcom2 | divprune",
 ])
 @torch.no_grad()
 def test_allocators_budget_what_the_language_model_receives(next_model, photo, spec):
@@ -118,6 +130,8 @@ def test_allocators_budget_what_the_language_model_receives(next_model, photo, s
         assert per_part.tolist() == t_out.budget[0].tolist()
     else:
         assert patches.tolist() == t_out.index[0, : t_out.counts[0]].tolist()
+    crops = [i for i in patches.tolist() if i >= N]  # row-major over the crop grid, as stock assembles them
+    assert crops == sorted(crops, key=lambda i: _assembly_rank(i, layout))
     assert n_newlines == _expected_newlines(pipe[0].newline_policy, layout, patches)
     assert last.counts[0] == patches.numel() + n_newlines < last.stock_counts[0]
     assert lm_lengths[0] == L - last.stock_counts[0] + last.counts[0]

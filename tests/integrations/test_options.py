@@ -49,6 +49,14 @@ def test_assembly_point_follows_the_llm_operators_views():
         opts.assembly_point(vtc.build("divprune:keep=64 | m3:keep=36"))
 
 
+def test_a_selector_filling_allocator_budgets_sees_the_partitions():
+    opts = ApplyOptions()
+    assert opts.assembly_point(vtc.build("hired:ratio=0.2 | divprune")) == 2  # divprune alone: 0
+    assert opts.assembly_point(vtc.build("globalcom2 | divprune | divprune:keep=32")) == 2
+    with pytest.raises(ConfigError, match="per-partition budgets"):
+        ApplyOptions(llm_view="assembled").assembly_point(vtc.build("hired:ratio=0.2 | divprune"))
+
+
 def test_unknown_and_bad_options():
     with pytest.raises(ConfigError, match="unknown option"):
         ApplyOptions.from_kwargs({"newlines": "none"})

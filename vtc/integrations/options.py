@@ -15,7 +15,10 @@ LLaVA-NeXT only:
   ``"assembled"``: the assembled sequence with its newline tokens (DivPrune's official code).
   ``"auto"``: the assembly happens right before the first llm-stage operator that declares
   ``anyres_view = "assembled"``, so ``"m3:keep=144 | divprune:keep=64"`` pools the partitions and
-  DivPrune picks from the assembled sequence; with no such operator, after all of them.
+  DivPrune picks from the assembled sequence; with no such operator, after all of them. A
+  selector that fills an allocator's per-partition budgets (``"hired | divprune"``) works on the
+  partitions whatever view it declares (``"assembled"`` then raises), so the assembly after it
+  keeps LLaVA-NeXT's row-major crop order and adds the allocator's newline tokens.
 - ``unpad``: apply LLaVA-NeXT's unpadding (default True; False keeps the padded grid, as the
   ``spatial`` merge of FasterVLM / HiPrune / VisionZip does).
 - ``padding``: whether the first operator sees the crop tokens that unpadding removes.
@@ -101,11 +104,18 @@ class ApplyOptions:
         """
         ops = list(pipeline)
         llm = [i for i, op in enumerate(ops) if op.stage == "llm"]
+        fills = [i for i in llm if i > 0 and pipeline.hands_off(i - 1)]  # selectors filling per-partition budgets
         if self.llm_view == "partitions" or not llm:
             return len(ops)
         if self.llm_view == "assembled":
+            if fills:
+                raise ConfigError(
+                    f"{ops[fills[0]].name!r} fills the per-partition budgets of {ops[fills[0] - 1].name!r}, which "
+                    "needs the partitions, not the assembled sequence (its newline tokens would take crop budget); "
+                    "use llm_view='auto' or 'partitions'")
             return llm[0]
-        first = next((i for i in llm if getattr(ops[i], "anyres_view", None) == "assembled"), len(ops))
+        first = next((i for i in llm if getattr(ops[i], "anyres_view", None) == "assembled" and i not in fills),
+                     len(ops))
         for i in llm:
             if i > first and getattr(ops[i], "anyres_view", None) == "partitions":
                 raise ConfigError(
