@@ -75,7 +75,14 @@ def test_without_layout_a_square_grid_is_assumed():
     torch.testing.assert_close(out.x[0, 0], x[0, [0, 1, 4, 5]].mean(0))
 
 
-@pytest.mark.parametrize("keep, words", [(25, "divisible by 5"), (49, "divisible by 7"), (2304, "divisible by 48")])
+@pytest.mark.parametrize("keep", [576, 900, 2304])
+def test_keep_at_least_the_grid_is_a_no_op(keep):
+    t = grid_tokens([576], 24, D=2, seed=3, full=True)
+    out = _op(keep)(t)
+    assert torch.equal(out.x, t.x) and torch.equal(out.index, t.index)
+
+
+@pytest.mark.parametrize("keep, words", [(25, "divisible by 5"), (49, "divisible by 7"), (100, "divisible by 10")])
 def test_invalid_scale_for_the_grid_raises(keep, words):
     t = grid_tokens([576], 24, D=2, seed=3, full=True)
     with pytest.raises(ConfigError, match=words) as e:

@@ -6,7 +6,7 @@ Paper: "Matryoshka Multimodal Models" (Cai et al., ICLR 2025). Described in meth
 sqrt(s)`` with kernel = stride = ``h / sqrt(s)``, after the projector (stage ``llm``). For 24x24 the
 scales are s ∈ {576, 144, 36, 9, 1} (kernels 1, 2, 4, 8, 24), exactly nested: each coarse token is
 the mean of its children at the next finer scale. Any square ``s`` whose side divides the grid
-side is accepted. With AnyRes partitions (``group``), each partition is pooled on its own, as
+side is accepted; a ``keep`` of at least a partition's token count leaves it as it is (no-op). With AnyRes partitions (``group``), each partition is pooled on its own, as
 LLaVA-NeXT-M3 does before its assembly. Without a layout a square grid is assumed.
 """
 
@@ -53,6 +53,8 @@ class M3(Operator):
             return tokens
         if bool((hv != wv).any()):
             raise LayoutError("m3 pools square grids; these tokens' partitions are not square")
+        if bool((hv <= side).all()):
+            return tokens  # keep >= the tokens present: nothing to pool
         bad = (hv % side != 0) | (hv < side)
         if bool(bad.any()):
             raise ConfigError(
