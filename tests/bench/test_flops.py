@@ -153,3 +153,9 @@ def test_operator_may_report_its_own_flops():
         assert F.op_flops(op, 100, 8) == (0, 10, False)
     finally:
         type(op).name = saved
+
+
+def test_operator_budget_defaults_to_its_own_default_ratio():
+    """HiRED with no keep=/ratio= keeps int(0.2 n), so later stages are costed on that, not on n."""
+    n_out = F.op_flops(vtc.build("hired")[0], 2880, 8, 5)[1]
+    assert n_out == F.op_flops(vtc.build("hired:ratio=0.2")[0], 2880, 8, 5)[1] == 576

@@ -55,3 +55,29 @@ def test_profile_on_the_tiny_model():
     assert out["peak_mem_bytes"] > 0 and out["peak_mem_kind"].startswith("rss")
     # the hooks are gone afterwards
     assert not model.model.vision_tower._forward_hooks and not model._forward_hooks
+
+
+def test_an_allocator_handing_off_its_budgets_is_timed_as_an_operator():
+    """``hired | random``: HiRED runs allocate() (no forward hook fires); its time must still count."""
+    import time
+
+    from PIL import Image
+
+    import vtc
+    from vtc.models.random import random_llava
+
+    model, proc = random_llava()
+    inputs = proc(images=[Image.new("RGB", (32, 32))], text=["USER: <image>\nwhat ASSISTANT:"], return_tensors="pt")
+    pipe = vtc.build("hired:keep=16,top_layer=0,bottom_layer=2 | random")
+    assert pipe.hands_off(0)
+    hired, inner = pipe[0], pipe[0].allocate
+
+    def slow_allocate(tokens):
+        time.sleep(0.05)
+        return inner(tokens)
+
+    hired.allocate = slow_allocate
+    with vtc.apply(model, pipe):
+        out = profile(model, inputs, LatencyConfig(warmup=0, repeats=2, new_tokens=2), pipeline=pipe)
+    assert out["operators_ms"]["n"] == 2 and out["operators_ms"]["median"] >= 50
+    assert hired.allocate is slow_allocate  # the timing wrapper is gone, the instance's own method is back

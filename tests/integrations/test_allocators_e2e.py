@@ -82,7 +82,7 @@ def _expected_newlines(policy, layout, patch_index):
 def _assembly_rank(i: int, layout) -> tuple[int, int, int]:
     """Where patch ``i`` (partition-major tower index) sits in LLaVA-NeXT's assembled sequence:
     the base view first, then the crop grid row-major across crops."""
-    (h, w), (nh, nw) = layout.grids[0], layout.anyres
+    (h, w), (_, nw) = layout.grids[0], layout.anyres
     p, t = divmod(i, h * w)
     if p == 0:
         return (0, t, 0)

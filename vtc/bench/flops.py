@@ -197,6 +197,8 @@ def register_op_flops(name: str):
 def _budget(op: Any, n_in: int, partitions: int = 1) -> int:
     cfg = getattr(op, "config", None)
     keep, ratio = getattr(cfg, "keep", None), getattr(cfg, "ratio", None)
+    if keep is None and ratio is None:
+        ratio = getattr(op, "default_ratio", None)  # e.g. HiRED's 0.2 when no budget is given
     if keep is not None:
         return min(int(keep), n_in)
     if ratio is not None:

@@ -132,6 +132,30 @@ def _hook_stage(module: nn.Module, clock: StageClock, name: str, when: Callable[
             module.register_forward_hook(post, with_kwargs=True)]
 
 
+class _TimedMethod:
+    """Times calls of ``obj.name`` on ``clock`` under ``stage`` until :meth:`remove` (instance attribute)."""
+
+    def __init__(self, obj: Any, name: str, clock: StageClock, stage: str) -> None:
+        self.obj, self.name = obj, name
+        self.saved = obj.__dict__.get(name)  # an instance attribute of the caller's, put back by remove()
+        inner = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            clock.start(stage)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                clock.stop(stage)
+
+        setattr(obj, name, timed)
+
+    def remove(self) -> None:
+        if self.saved is None:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            setattr(self.obj, self.name, self.saved)
+
+
 def _is_prefill(args: tuple, kwargs: dict) -> bool:
     return cache_length(cache_in(kwargs)) == 0
 
@@ -191,6 +215,8 @@ def profile(model: nn.Module, inputs: Mapping[str, Any], config: LatencyConfig |
     hooks += _hook_stage(language_model(model), clock, "prefill", when=_is_prefill)
     for op in (pipeline or []):
         hooks += _hook_stage(op, clock, "operators")
+        if getattr(op, "allocates", False):  # handing its budgets on, an allocator runs allocate(), not forward
+            hooks.append(_TimedMethod(op, "allocate", clock, "operators"))
     gen = dict(do_sample=False, num_beams=1)
 
     def run(n: int) -> float:

@@ -118,6 +118,7 @@ class HiredConfig(OpConfig):
 class HiRED(Allocator):
     Config = HiredConfig
     default_stage = "vision"
+    default_ratio = DEFAULT_RATIO  # the budget when neither keep= nor ratio= is given
 
     @property
     def requires(self) -> dict[str, list[int]]:
