@@ -73,3 +73,19 @@ def test_restricting_tasks_pipelines_and_baselines_to_models(jsonl_task, tmp_pat
     with pytest.raises(ConfigError, match=r"model\(s\) \['c'\]"):
         load_config(tiny_config(jsonl_task, tmp_path, models=models, pipelines=[{"pipeline": "random:keep=4",
                                                                                    "models": ["c"]}]))
+
+
+@pytest.mark.parametrize("name", ["quick", "ablation", "tiny_quality", "llava15_7b", "llava_next_7b"])
+def test_the_shipped_eval_configs_expand_and_build(name):
+    from pathlib import Path
+
+    import vtc
+
+    root = Path(__file__).resolve().parents[2]
+    cells = load_config(root / "eval" / "configs" / f"{name}.yaml").cells()
+    ops = {op.name for c in cells if c.pipeline() is not None for op in c.pipeline()}
+    assert cells and any(c.pipeline() is None for c in cells)  # the uncompressed reference is there
+    if name in ("quick", "ablation"):
+        assert ops == set(vtc.list_ops())  # every registered operator
+    if name.endswith("7b"):
+        assert ops == set(vtc.list_ops()) - {"mqt"}  # mqt needs a projector trained for the model
