@@ -116,8 +116,26 @@ def test_mqt_trains_from_tiny_llava_and_serves_any_budget(tmp_path, small):
     assert evaluate(tm.model, tm.processor, items, pipeline=f"mqt:keep=8,weights={final}").tokens == 8
 
 
-def test_next_step_has_finite_losses(tmp_path, small_next):
-    t = Trainer(RunConfig("tiny-llava-next", steps=4, out=str(tmp_path), spec=small_next,
-                          recipe=dict(batch=2, turns=2, prune_share=0.0), threads=None))
+def test_next_starts_from_tiny_llava_and_steps_with_finite_losses(tmp_path, small, small_next):
+    """tiny-llava-next is initialised from a trained tiny-llava: every shared weight copied, the
+    tower's position embeddings resized to its grid (8x8 -> 16x16 here), the newline vector new."""
+    train(_cfg(tmp_path / "llava", small, steps=1))
+    with pytest.raises(ConfigError, match="--init"):
+        Trainer(RunConfig("tiny-llava-next", steps=2, out=str(tmp_path / "n0"), spec=small_next,
+                          init=str(tmp_path / "none")))
+    t = Trainer(RunConfig("tiny-llava-next", steps=4, out=str(tmp_path / "next"), spec=small_next,
+                          init=str(tmp_path / "llava" / "final"), recipe=dict(batch=2, turns=2, prune_share=0.0),
+                          threads=None))
+    src = load(str(tmp_path / "llava" / "final")).model.state_dict()
+    dst = t.model.state_dict()
+    pos = "model.vision_tower.embeddings.position_embedding.weight"
+    for k, v in src.items():
+        if k != pos:
+            assert torch.equal(dst[k], v), k
+    assert dst[pos].shape == (1 + 16 * 16, small["vision_hidden"]) and torch.equal(dst[pos][0], src[pos][0])
+    grid = src[pos][1:].T.reshape(1, -1, 8, 8)
+    want = torch.nn.functional.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False)
+    assert torch.allclose(dst[pos][1:], want.reshape(small["vision_hidden"], -1).T)
+    assert "model.image_newline" in dst and "model.image_newline" not in src
     rec = t.step()
     assert rec["kept"] >= 5 * 256 and torch.isfinite(torch.tensor([rec["loss"], rec["aux"]])).all() and rec["aux"] > 0

@@ -14,7 +14,8 @@ import os
 import sys
 
 _RECIPE_FLAGS = {"batch": int, "turns": int, "lr": float, "warmup": int, "prune_share": float, "prune_min": int,
-                 "aux_weight": float, "seed": int, "original_positions_share": float}
+                 "aux_weight": float, "seed": int, "original_positions_share": float,
+                 "min_lr_ratio": float}
 
 
 def _train(a) -> None:
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (measure first: eval/tiny_throughput.py)")
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--save-every", type=int, default=100)
-    t.add_argument("--init", default=None, help="tiny-mqt: folder of the trained tiny-llava (default assets/)")
+    t.add_argument("--init", default=None, help="start from this exported model's weights (a stage of a staged "
+                   "recipe); tiny-mqt: the trained tiny-llava (default assets/tiny-llava)")
     for k, typ in _RECIPE_FLAGS.items():
         t.add_argument("--" + k.replace("_", "-"), type=typ, default=None, dest=k)
     e = sub.add_parser("eval", help="greedy answer accuracy per question type")

@@ -41,7 +41,7 @@ from vtc.models.tiny.checkpoint import CKPT_JSON, export_folder, load_checkpoint
 from vtc.models.tiny.forward import assemble, encode_images, lm_hidden, loss_and_logits, random_subset
 from vtc.models.tiny.variants import TrainRecipe, Variant, build_model, variant
 
-__all__ = ["RunConfig", "Trainer", "train", "lr_at"]
+__all__ = ["RunConfig", "Trainer", "train", "lr_at", "transfer_state"]
 
 
 @dataclass
@@ -72,6 +72,27 @@ def lr_at(step: int, steps: int, r: TrainRecipe) -> float:
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def transfer_state(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``dst``'s state with every tensor ``src`` has in the same shape; a vision tower's position
+    embeddings (CLS + a square grid) are resized bicubically to ``dst``'s grid (``tiny-llava`` ->
+    ``tiny-llava-next``: 24x24 -> 16x16); tensors ``src`` lacks (LLaVA-NeXT's ``image_newline``)
+    keep ``dst``'s initialisation. Any other mismatch is left for ``load_state_dict`` to report."""
+    out = dict(dst)
+    for k, v in src.items():
+        if k not in dst:
+            out[k] = v  # an unexpected key: load_state_dict names it
+        elif v.shape == dst[k].shape:
+            out[k] = v
+        elif k.endswith("embeddings.position_embedding.weight"):
+            n_src, n_dst = int(round((v.shape[0] - 1) ** 0.5)), int(round((dst[k].shape[0] - 1) ** 0.5))
+            grid = v[1:].T.reshape(1, v.shape[1], n_src, n_src).float()
+            grid = torch.nn.functional.interpolate(grid, size=(n_dst, n_dst), mode="bicubic", align_corners=False)
+            out[k] = torch.cat([v[:1], grid.reshape(v.shape[1], -1).T.to(v.dtype)])
+        else:
+            out[k] = v
+    return out
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -91,7 +112,7 @@ class Trainer:
                                               spec=dataclasses.replace(base.spec, seed=recipe.seed))
         torch.manual_seed(recipe.seed)
         self.model, self.processor = build_model(self.v)
-        if self.v.init_from:
+        if self.v.init_from or cfg.init:
             self._init_from(cfg.init)
         self.model.train()
         self.mqt = None
@@ -123,9 +144,12 @@ class Trainer:
 
         src = Path(init) if init else model_dir(self.v.init_from)
         if not (src / "config.json").is_file():
+            if init:
+                raise ConfigError(f"--init {src}: no exported model there (no config.json); pass a folder written "
+                                  "by the trainer (e.g. runs/NAME/final) or an assets/ folder")
             raise ConfigError(f"{self.v.name} starts from a trained {self.v.init_from}: nothing at {src}; train it "
                               f"first or pass --init FOLDER (e.g. runs/{self.v.init_from}/final)")
-        sd = load(str(src)).model.state_dict()
+        sd = transfer_state(load(str(src)).model.state_dict(), self.model.state_dict())
         try:
             self.model.load_state_dict(sd, strict=True)
         except RuntimeError as e:

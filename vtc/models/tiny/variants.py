@@ -5,8 +5,9 @@
   trained on ``shapes`` (96x96 scenes) and easy-VQA.
 - ``tiny-llava-next``: the same design with AnyRes: 64-pixel views (16x16 grid per partition), a
   base view plus up to 4 crops (pinpoints 1x2, 2x1, 2x2, 1x3, 3x1 of 64 pixels; 2x2 crops give
-  5x256 + 32 newline = 1312 visual tokens); trained on ``shapes-large`` (128x128 / 64x128 /
-  128x64 canvases whose small objects need the crops).
+  5x256 + 32 newline = 1312 visual tokens); initialised from the trained ``tiny-llava`` (tower
+  position embeddings resized 24x24 -> 16x16, the newline vector new) and trained on
+  ``shapes-large`` (128x128 / 64x128 / 128x64 canvases whose small objects need the crops).
 - ``tiny-mqt``: ``tiny-llava``'s tower and decoder (initialised from the trained ``tiny-llava``)
   with the MQT projector (``vtc.ops.mqt``, 256 queries) in place of the MLP projector; the tower
   stays frozen, MQT and the decoder train with nested query counts.
@@ -80,7 +81,8 @@ VARIANT_SPECS: dict[str, Variant] = {
     "tiny-llava": Variant("tiny-llava", "llava", _LLAVA_SPEC),
     "tiny-llava-next": Variant(
         "tiny-llava-next", "llava-next", _NEXT_SPEC,
-        TrainRecipe(batch=8, mix=(("shapes-large", 1.0),), prune_min=8)),
+        TrainRecipe(batch=8, mix=(("shapes-large", 1.0),), prune_min=8, lr=5e-4, warmup=50),
+        init_from="tiny-llava"),
     "tiny-mqt": Variant(
         "tiny-mqt", "llava", _LLAVA_SPEC,
         TrainRecipe(lr=5e-4, warmup=50, prune_share=0.0, freeze_tower=True, aux_weight=0.0),
