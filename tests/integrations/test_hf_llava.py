@@ -38,13 +38,16 @@ def test_language_model_gets_k_tokens_equal_to_projector_outputs(setup, spec, lm
     stock = stock_projected(model, kind, batch)
     image_id = model.config.image_token_id
     with vtc.apply(model, spec) as h, lm_inputs(model) as rec:
-        model(**batch)
+        out = model(**batch)
     embeds = rec.calls[0]["inputs_embeds"]
     # which slots hold visual tokens: those whose original prompt position was a placeholder
     pos = h.last.positions
     was_image = (batch["input_ids"].gather(1, pos.clamp_min(0)) == image_id) & (pos >= 0)
     counts = was_image.sum(1)
     assert counts.tolist() == h.last.counts
+    # the output reports the visual features the LM received, where stock reports its image features
+    reported = out.image_outputs.pooler_output if hasattr(type(out), "image_outputs") else out.image_hidden_states
+    torch.testing.assert_close(reported, embeds[was_image])
     if kind == "llava":
         assert h.last.counts == [40, 40, 40]
     got = embeds[was_image]

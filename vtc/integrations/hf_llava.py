@@ -70,6 +70,19 @@ def supports(model: Any) -> bool:
     return kind_of(model) is not None
 
 
+def _set_image_features(out: Any, feats: Tensor) -> None:
+    """Report the compressed visual features the language model received, where stock reports its
+    image features: ``image_hidden_states`` (transformers < 5.24) or ``image_outputs.pooler_output``
+    (5.24 on, where reading ``image_hidden_states`` is deprecated)."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    if "image_hidden_states" in fields:
+        out.image_hidden_states = feats
+    elif "image_outputs" in fields:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out.image_outputs = BaseModelOutputWithPooling(pooler_output=feats)
+
+
 class _LlavaCompressor:
     """The per-instance state behind the wrapped forward."""
 
@@ -212,8 +225,7 @@ class _LlavaCompressor:
                 self.states[new_cache] = compaction.DecodeState(
                     prompt_length=input_ids.shape[1], compact_length=plan.length,
                     prompt_mask=call["attention_mask"], dropped=plan.dropped, mode=self.options.position_ids)
-        if hasattr(out, "image_hidden_states"):
-            out.image_hidden_states = feats
+        _set_image_features(out, feats)
         self.handle.last = Compressed(
             counts=counts.tolist(), stock_counts=list(stock), index=tokens.unbind_index(),
             num_patches=[lay.num_tokens if lay is not None else int(tokens.num_tokens) for lay in tokens.layouts()],
