@@ -26,7 +26,12 @@ import vtc
 from vtc.registry import get_op
 
 #: arguments for operators whose budget is not ``keep=<count per image>``
-SPECIAL = {"m3": lambda keep: {"keep": keep}}  # 64 = 8x8: a square whose side divides 24
+SPECIAL = {
+    "m3": lambda keep, dim: {"keep": keep},  # 64 = 8x8: a square whose side divides 24
+    # a fresh MQT-LLaVA-shaped projector (256 queries, 16 heads, to a 4096-wide LLM) for the batch's width
+    "mqt": lambda keep, dim: {"keep": keep, "weights": None, "dim": dim, "out_dim": 4096, "heads": 16,
+                              "queries": 256},
+}
 
 
 def make_tokens(batch: int, side: int, dim: int, requires: dict, seed: int = 0) -> vtc.VisualTokens:
@@ -47,9 +52,9 @@ def make_tokens(batch: int, side: int, dim: int, requires: dict, seed: int = 0) 
     return vtc.VisualTokens(x=x, signals=signals, layout=vtc.Layout.grid(side))
 
 
-def build_op(name: str, keep: int):
+def build_op(name: str, keep: int, dim: int):
     if name in SPECIAL:
-        return vtc.create(name, **SPECIAL[name](keep))
+        return vtc.create(name, **SPECIAL[name](keep, dim))
     fields = {f.name for f in dataclasses.fields(get_op(name).Config)}
     return vtc.create(name, keep=keep) if "keep" in fields else vtc.create(name)
 
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---:|---:|---:|")
     for name in names:
         try:
-            op = build_op(name, args.keep)
+            op = build_op(name, args.keep, args.dim)
             tokens = make_tokens(args.batch, args.side, args.dim, op.requires)
             wall, cpu, out = time_op(op, tokens, args.warmup, args.repeats)
         except Exception as e:  # one operator's failure must not hide the others' numbers
