@@ -167,16 +167,20 @@ def test_labels_are_compacted_with_the_sequence(llava, photos):
 
 
 @torch.no_grad()
-def test_remove_restores_the_model_and_is_per_instance(setup):
+@pytest.mark.parametrize("spec", ["pool:keep=16", "vtc-cls:keep=16,layers=[1,2]"])  # the second taps the tower
+def test_remove_restores_the_model_and_is_per_instance(setup, spec):
     kind, model, _, _, alone = setup
     from vtc.models.random import random_llava, random_llava_next
 
     batch = alone[0]
     other, _ = (random_llava if kind == "llava" else random_llava_next)(patch_size=8)
+    ref = model(**batch).logits  # first: transformers may register its own hooks at the first forward
     before_dict = dict(model.__dict__)
     before_hooks = _hooks(model)
-    ref = model(**batch).logits
-    h = vtc.apply(model, "pool:keep=16")
+    before_attrs = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    h = vtc.apply(model, spec)
+    if spec.startswith("vtc-cls"):
+        assert _hooks(model) != before_hooks  # the tap is attached while the handle is active
     assert "forward" in model.__dict__ and "forward" not in other.__dict__
     assert type(model).forward is type(other).forward  # the class is untouched
     assert model(**batch).logits.shape[1] < ref.shape[1]
@@ -186,6 +190,8 @@ def test_remove_restores_the_model_and_is_per_instance(setup):
     assert model.__dict__.keys() == before_dict.keys()
     assert all(model.__dict__[k] is v for k, v in before_dict.items())
     assert _hooks(model) == before_hooks
+    for name, m in model.named_modules():  # no module keeps a patched attribute
+        assert m.__dict__.keys() == before_attrs[name].keys(), name
     assert torch.equal(model(**batch).logits, ref)
     with pytest.raises(ConfigError):
         h.check_active()
