@@ -2,7 +2,7 @@
 ``past_key_values`` (earlier 5.x releases), in a forward's keyword arguments and in its output.
 
 vtc's hooks read the cache to tell a prefill from a decoding step and to find the state kept per
-compacted cache; these two helpers let them do so on every supported release.
+compacted cache; these helpers let them do so on every supported release.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def cache_in(kwargs: dict[str, Any]) -> Any:
 def cache_out(output: Any) -> Any:
     """The KV cache a forward returned (None if none)."""
     for name in CACHE_ARGS:
-        value = getattr(output, name, None) if not isinstance(output, dict) else output.get(name)
+        value = getattr(output, name, None)
         if value is not None:
             return value
     return None

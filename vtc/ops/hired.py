@@ -139,7 +139,7 @@ class HiRED(Allocator):
         cfg = self.config
         if cfg.keep is not None:
             return cfg.keep
-        return int(n * (DEFAULT_RATIO if cfg.ratio is None else cfg.ratio))
+        return int(n * (self.default_ratio if cfg.ratio is None else cfg.ratio))
 
     def _disabled(self) -> bool:
         return self.config.keep is None and self.config.ratio == 1.0

@@ -6,8 +6,9 @@ Paper: "Matryoshka Multimodal Models" (Cai et al., ICLR 2025). Described in meth
 sqrt(s)`` with kernel = stride = ``h / sqrt(s)``, after the projector (stage ``llm``). For 24x24 the
 scales are s ∈ {576, 144, 36, 9, 1} (kernels 1, 2, 4, 8, 24), exactly nested: each coarse token is
 the mean of its children at the next finer scale. Any square ``s`` whose side divides the grid
-side is accepted; a ``keep`` of at least a partition's token count leaves it as it is (no-op). With AnyRes partitions (``group``), each partition is pooled on its own, as
-LLaVA-NeXT-M3 does before its assembly. Without a layout a square grid is assumed.
+side is accepted; a ``keep`` of at least a partition's token count leaves it as it is (no-op).
+With AnyRes partitions (``group``), each partition is pooled on its own, as LLaVA-NeXT-M3 does
+before its assembly. Without a layout a square grid is assumed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,5 @@ class M3(Operator):
                 f"{int(hv[bad][0])}x{int(hv[bad][0])}; valid keep values: "
                 f"{[d * d for d in range(int(hv[bad][0]), 0, -1) if int(hv[bad][0]) % d == 0]}"
             )
-        if self.config.keep == int(hv.max()) ** 2 and bool((hv == hv.max()).all()):
-            return tokens
         g = torch.full((tokens.batch_size,), side, dtype=torch.long, device=tokens.device)
         return pool_to_grid(tokens, g, g)

@@ -79,17 +79,13 @@ def transfer_state(src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -
     keep ``dst``'s initialisation. Any other mismatch is left for ``load_state_dict`` to report."""
     out = dict(dst)
     for k, v in src.items():
-        if k not in dst:
-            out[k] = v  # an unexpected key: load_state_dict names it
-        elif v.shape == dst[k].shape:
-            out[k] = v
-        elif k.endswith("embeddings.position_embedding.weight"):
+        if k in dst and v.shape != dst[k].shape and k.endswith("embeddings.position_embedding.weight"):
             n_src, n_dst = int(round((v.shape[0] - 1) ** 0.5)), int(round((dst[k].shape[0] - 1) ** 0.5))
             grid = v[1:].T.reshape(1, v.shape[1], n_src, n_src).float()
             grid = torch.nn.functional.interpolate(grid, size=(n_dst, n_dst), mode="bicubic", align_corners=False)
             out[k] = torch.cat([v[:1], grid.reshape(v.shape[1], -1).T.to(v.dtype)])
         else:
-            out[k] = v
+            out[k] = v  # same shape; or a key or shape load_state_dict will report
     return out
 
 
