@@ -30,7 +30,7 @@ from typing import Any
 
 from vtc.errors import ConfigError
 
-__all__ = ["VisionShape", "LMShape", "ModelShape", "vision_flops", "projector_flops", "prefill_flops",
+__all__ = ["VisionShape", "LMShape", "ModelShape", "vision_shape", "lm_shape", "vision_flops", "projector_flops", "prefill_flops",
            "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "estimate", "OP_FLOPS",
            "register_op_flops"]
 
@@ -81,28 +81,31 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        """Read a Hugging Face config: LLaVA / LLaVA-NeXT, a bare text config, or a bare vision config."""
-        vcfg = getattr(config, "vision_config", None)
-        tcfg = getattr(config, "text_config", None)
-        if vcfg is None and tcfg is None:
-            if hasattr(config, "patch_size"):
-                vcfg = config
-            else:
-                tcfg = config
-        vision = _vision_shape(vcfg) if vcfg is not None else None
-        lm = _lm_shape(tcfg) if tcfg is not None else None
-        projector: tuple[tuple[int, int], ...] = ()
-        if vision is not None and lm is not None:
-            layers = getattr(config, "vision_feature_layer", -2)
-            n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
-            projector = ((vision.hidden * n_layers, lm.hidden), (lm.hidden, lm.hidden))
-        return cls(vision=vision, projector=projector, lm=lm)
+        """Read a Hugging Face config: a model family's (through its adapter,
+        :meth:`vtc.integrations.adapters.ModelAdapter.shape_from_config`), a bare text config, or a
+        bare vision config."""
+        if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+            from vtc.integrations.adapters import adapter_class_for_config
+            from vtc.integrations.adapters.base import ModelAdapter
+
+            return (adapter_class_for_config(config) or ModelAdapter).shape_from_config(config)
+        if hasattr(config, "patch_size"):
+            return cls(vision=vision_shape(config), projector=(), lm=None)
+        return cls(vision=None, projector=(), lm=lm_shape(config))
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelShape:
+        """The shapes of a model instance, read by its adapter."""
+        from vtc.integrations.adapters import adapter_for
+
+        return adapter_for(model).shape()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _vision_shape(c: Any) -> VisionShape:
+def vision_shape(c: Any) -> VisionShape:
+    """A CLIP / SigLIP vision config's shape."""
     model_type = getattr(c, "model_type", "")
     siglip = "siglip" in model_type
     return VisionShape(
@@ -112,7 +115,8 @@ def _vision_shape(c: Any) -> VisionShape:
     )
 
 
-def _lm_shape(c: Any) -> LMShape:
+def lm_shape(c: Any) -> LMShape:
+    """A decoder-only text config's shape (Llama / Mistral / Qwen2 style)."""
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     act = getattr(c, "hidden_act", "silu")

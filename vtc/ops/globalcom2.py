@@ -57,12 +57,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
+from vtc.geometry import drop_padding
 from vtc.ops.anyres import (
     DenseParts,
     at_least_one,
     dense_parts,
     dense_signal,
-    drop_padding,
     emit,
     is_anyres,
     top_cells,
@@ -176,7 +176,7 @@ class GlobalCom2(Allocator):
             return tokens.replace(budget=self._single_k(tokens).unsqueeze(1))
         dense = dense_parts(tokens, self.name)
         _, budget, _ = self._plan(tokens, dense)
-        return drop_padding(tokens, dense).replace(budget=budget)
+        return drop_padding(tokens).replace(budget=budget)
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
         tokens.check_finite(f"operator {self.name!r}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vtc.errors import ConfigError, LayoutError
+from vtc.geometry import pooled_layouts
 from vtc.ops.base import OpConfig, Operator
 from vtc.ops.pooling import pool_to_grid
 from vtc.registry import register
@@ -64,4 +65,4 @@ class M3(Operator):
                 f"{[d * d for d in range(int(hv[bad][0]), 0, -1) if int(hv[bad][0]) % d == 0]}"
             )
         g = torch.full((tokens.batch_size,), side, dtype=torch.long, device=tokens.device)
-        return pool_to_grid(tokens, g, g)
+        return pool_to_grid(tokens, g, g).replace(layout=pooled_layouts(tokens, g, g))

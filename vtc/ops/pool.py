@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
+from vtc.geometry import pooled_layouts
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.pooling import pool_to_grid
 from vtc.registry import register
@@ -76,7 +77,7 @@ class Pool(Selector):
             gh = torch.floor(torch.sqrt(kk.double() * h / w)).long().clamp(1, None)
             gh = torch.minimum(gh, h)
             gw = torch.minimum(kk // gh, w).clamp_min(1)
-        out = pool_to_grid(tokens, gh, gw)
+        out = pool_to_grid(tokens, gh, gw).replace(layout=pooled_layouts(tokens, gh, gw, k < tokens.counts))
         if bool((k == 0).any()):  # a partition whose budget is 0 keeps nothing
             out = out.keep_mask((k > 0).unsqueeze(1).expand(out.x.shape[:2]))
         return out
