@@ -124,3 +124,17 @@ def test_decode_state_maps_masks_and_positions(mode):
     pos = full.sum(1, keepdim=True) - 1  # generate()'s next position: original numbering
     want = pos if mode == "original" else pos - plan.dropped.unsqueeze(1)
     assert torch.equal(state.position_ids(pos, cache, 1, pos.device), want)
+
+
+def test_decode_mask_when_compaction_keeps_the_batch_length():
+    """Row 1 drops nothing, so the compacted batch keeps length L while row 0 gains left padding: a
+    mask over the original sequence (as generate() passes it) must still get the compacted prompt mask."""
+    ids, mask = _batch([[1, IMG, IMG, IMG, 2], [IMG, 3]])
+    plan = compaction.plan(ids, mask, IMG, [3, 1], torch.tensor([1, 1]))
+    assert plan.length == 5 and plan.dropped.tolist() == [2, 0]
+    state = compaction.DecodeState(prompt_length=5, compact_length=5, prompt_mask=plan.attention_mask(mask),
+                                   dropped=plan.dropped, mode="original")
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    got = state.attention_mask(full, 5, 1)
+    assert got[0].tolist() == [0, 0, 1, 1, 1, 1] and torch.equal(got[:, :5], plan.attention_mask(mask))
+    assert torch.equal(state.attention_mask(got, 5, 1), got)  # a compacted mask maps to itself
