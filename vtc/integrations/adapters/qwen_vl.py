@@ -144,7 +144,7 @@ class QwenVLAdapter(ModelAdapter):
             raise SignalError(
                 f"{', '.join(readers)} read{'s' if len(readers) == 1 else ''} the vision-tower signals "
                 f"{', '.join(needs)}; {why}. On Qwen VL models use operators that need no tower signal, which "
-                f"run on the merged grid: {', '.join(SIGNAL_FREE)}")
+                f"run on the merged grid: {', '.join(SIGNAL_FREE)} (m3: square grids)")
 
     # ------------------------------------------------------------------ images -> tokens
     def encode(self, kw: dict[str, Any]) -> Encoded:
