@@ -226,3 +226,31 @@ def test_what_qwen_cannot_run_is_a_clear_error(qwen_models):
     with pytest.raises(ConfigError, match="merger"):
         vtc.apply(model, "mqt:keep=16")
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_the_adapter_exposes_the_decoder_rotary_and_cache(qwen_models, batches, family):
+    """What the in-LLM stage builds on: layers, attention modules, M-RoPE cos/sin, the KV cache."""
+    from vtc.integrations.adapters import adapter_for
+
+    model, proc = qwen_models[family]
+    ad = adapter_for(model)
+    assert ad.family == "qwen_vl" and ad.vision_tower is model.model.visual and ad.projector is model.model.visual.merger
+    assert ad.num_layers == 2 and ad.attention(1) is model.model.language_model.layers[1].self_attn
+    assert ad.deepstack_layers == (1 if family == "qwen3_vl" else 0)
+    seen = {}
+    h = ad.decoder_layers[0].register_forward_pre_hook(lambda m, a, kw: seen.update(pe=kw["position_embeddings"]),
+                                                        with_kwargs=True)
+    batch = _batch(proc, *batches)
+    try:
+        out = model(**batch, use_cache=True)
+    finally:
+        h.remove()
+    pos = ad.rope_index(batch)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    for ids in (pos, torch.cat([pos[:1], pos])):  # [3, B, L], and generate()'s [4, B, L]
+        cos, sin = ad.position_embeddings(embeds, ids)
+        assert torch.equal(cos, seen["pe"][0]) and torch.equal(sin, seen["pe"][1])
+    keys, values = ad.cache_layer(ad.cache_out(out), 0)
+    assert keys.shape[:3] == (2, model.config.text_config.num_key_value_heads, batch["input_ids"].shape[1])

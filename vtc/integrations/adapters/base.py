@@ -139,6 +139,13 @@ class ModelAdapter(ABC):
         return self.decoder_layers[layer].self_attn
 
     @property
+    def deepstack_layers(self) -> int:
+        """How many leading decoder layers add visual features at the visual positions after they run
+        (Qwen3-VL's DeepStack; 0 for most families). Removing visual tokens inside the language
+        model before these layers must remove the same rows of those features."""
+        return 0
+
+    @property
     def rotary_embedding(self) -> nn.Module:
         return self.language_model.rotary_emb
 

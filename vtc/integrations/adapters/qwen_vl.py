@@ -69,6 +69,10 @@ class QwenVLAdapter(ModelAdapter):
         return self.inner.visual.merger
 
     @property
+    def deepstack_layers(self) -> int:
+        return len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    @property
     def merge(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
