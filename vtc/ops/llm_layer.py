@@ -237,6 +237,8 @@ class LayerContext:
         """
         B, L = hidden.shape[:2]
         dev = hidden.device
+        if not isinstance(visual, Tensor) or visual.dtype != torch.bool:
+            raise InputError(f"visual must be a [B, L] bool tensor, got {getattr(visual, 'dtype', type(visual))}")
         if valid is None:
             valid = torch.ones(B, L, dtype=torch.bool, device=dev)
         if index is None:
