@@ -14,8 +14,17 @@ What it does not do yet: p-MoD's routers are Mixture-of-Depths, not pruning: a t
 layer ``l`` bypasses only that layer (its delta scaled by ``0.2 * tanh(logit) + 1``) and may be
 processed again at ``l + 1``. That needs one more integration mode (run a layer on a subset and
 pass the rest through), not a different operator contract: the router and the keep rule stay.
-Training such a router on the embedded model is a fine-tuning run of the LLM with the router in
-the graph (see the report of issue 12 for the plan); this module carries no trained weights.
+This module carries no trained weights. Training one on the embedded tiny-llava (4 decoder
+layers of width 128, 576 visual tokens) takes: (1) the llm_layer integration, so the router runs in
+the model's forward; (2) a differentiable path to the router, since a top-k keep has no gradient:
+p-MoD's (the kept tokens' layer delta scaled by ``0.2 * tanh(logit) + 1``, which needs the
+"process a subset" mode above), or a straight-through / Gumbel top-k, or, cheapest, distillation:
+regress the router's logits on the uncompressed model's attention-derived importance (the last
+prompt row, as FastV scores) with the LLM frozen, which needs no backward pass through the LLM;
+(3) the embedded models' training data and script (``vtc/models/tiny``) with the router's
+``parameters()`` as the only trainable ones (129 per layer) and the answer loss at a fixed keep
+ratio, a few thousand CPU steps like the projector runs; (4) saving its ``state_dict`` under
+assets/ and a ``weights=`` argument here to load it.
 """
 
 from __future__ import annotations
