@@ -53,12 +53,10 @@ from torch import Tensor
 from vtc.errors import BudgetError, ConfigError, SignalError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.llm_layer import LayerConfig, LayerContext, LayerOperator, floor_count, keep_top_visual
-from vtc.ops.tome import bipartite_step
+from vtc.ops.tome import bipartite_step, sort_by_first, track_first
 from vtc.registry import register
-from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens
+from vtc.tokens import VisualTokens
 
-_FIRST = "_aim_first_index"  # private signal: smallest original (index, group) inside each token
-SIGNAL_MERGE_RULES[_FIRST] = "min"
 #: AIM's LLaVA-1.5 image schedule as fractions of the input count: r = 288 then 36 of 576
 _DEFAULT_STEPS = (2, 16)
 
@@ -114,10 +112,7 @@ class AimMerge(Selector):
         if cfg.metric == "keys":
             tokens.signal("keys", cfg.layer, op="operator 'aim_merge'")
         if clean:
-            G = tokens.num_groups
-            grp = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
-            first = tokens.index.to(torch.float64) * G + grp.to(torch.float64)
-            tokens = tokens.replace(signals={**tokens.signals, _FIRST: {0: first}})
+            tokens, G = track_first(tokens)
         schedule = self._steps(tokens.counts) if (cfg.keep is None and cfg.ratio is None
                                                   and tokens.budget is None) else None
         target = k.clamp_min(1)
@@ -137,11 +132,7 @@ class AimMerge(Selector):
             assign, rep, slot_valid, _ = bipartite_step(metric, n, r, False, tokens.group)
             tokens = _merge(tokens, assign, rep, None if bool(slot_valid.all()) else slot_valid, weighted=clean)
         if clean:
-            first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, float("inf"))
-            tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
-            first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, 0).long()
-            tokens = tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
-                                    signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+            tokens = sort_by_first(tokens, G)
         if bool((k == 0).any()):
             tokens = tokens.keep_mask((k != 0).unsqueeze(1).expand(tokens.x.shape[:2]))
         return tokens
