@@ -226,6 +226,8 @@ def test_sparsevlm_presets_and_counts():
     assert seen == [309, 204, 113]
     assert [int(vtc.create("sparsevlm", retain=r).target(2, n, 32)) for r in (192, 128, 96, 64)] == [300, 303, 238, 66]
     assert int(vtc.create("sparsevlm", retain=64).target(15, torch.tensor([2880]), 32)) == 17 * 2880 // 576
+    with pytest.raises(ConfigError, match="presets"):
+        vtc.create("sparsevlm", retain=100)
     no_rec = vtc.create("sparsevlm", recycle=False)
     assert int(no_rec.kept_visual(2, n, n, 32)) == 300
 
@@ -337,3 +339,29 @@ def test_pipeline_stages_and_schedule():
     for name in ("fastv", "pdrop", "aim", "sparsevlm"):
         op = vtc.create(name)
         assert op.stage == "llm_layer" and op.requires == {} and vtc.build(str(vtc.build(op))) == vtc.build(op)
+
+
+@pytest.mark.parametrize("spec", [
+    "fastv:K=2,R=0.6",
+    "pdrop:layers=[0,2,4],ratios=[0.7,0.3,0.05]",
+    "aim:start=1,step=0.3",
+    "sparsevlm:layers=[0,1,3],counts=[30,11,2]",
+    "sparsevlm:layers=[1,2,3],retain=64",
+    "router:dim=16,layers=[1,3],ratios=[0.5,0.2]",
+    "fastv:K=1,R=0.5 | pdrop:layers=[2,3,4],ratios=[0.4,0.2,0.1] | aim:start=4,step=0.5",
+])
+def test_decisions_follow_the_counting_rule_the_flops_model_uses(spec):
+    """Property: after every layer each sample holds exactly the visual tokens kept_visual predicts (what
+    vtc.bench.flops counts), text is never dropped (run_batched asserts it), and a batch decides as
+    each sample alone (by the reference runs of the other tests, and here by counts per sample)."""
+    from vtc.bench.flops import layer_visual_counts
+
+    shapes = dict(sys=[2, 6, 4, 1], vis=[40, 17, 64, 33], txt=[5, 2, 8, 3])
+    pipe = vtc.build(spec)
+    world = World(**shapes, layers=6, seed=13)
+    got = run_batched(world, pipe)
+    for b, n in enumerate(shapes["vis"]):
+        counts = layer_visual_counts(pipe, n, 6)
+        assert [len(v) for v in got[b][:-1]] == counts[1:]  # got[b][l]: after layer l; counts[l]: entering layer l
+        ids = [t for t in got[b][-1] if not isinstance(t, tuple)]
+        assert len(set(ids)) == len(ids) and all(shapes["sys"][b] <= t < shapes["sys"][b] + n for t in ids)

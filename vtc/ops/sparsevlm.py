@@ -38,8 +38,6 @@ the code) the 192 setting averages about 206 visual tokens over 32 layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import Tensor
 
@@ -69,12 +67,15 @@ class SparseVLMConfig(LayerConfig):
     """``retain``: an official budget preset; ``counts``: absolute visual tokens kept after each layer;
     ``recycle``: cluster part of the dropped tokens back in (v1)."""
 
-    retain: Literal[192, 128, 96, 64] = 192
+    retain: int = 192
     counts: list[int] | None = None
     recycle: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.retain not in RETAIN:
+            raise ConfigError(f"sparsevlm retain= is one of the official presets {sorted(RETAIN)}, got {self.retain}; "
+                              "give counts= for other budgets")
         if self.counts is not None:
             if not self.counts or any(c < 0 for c in self.counts):
                 raise ConfigError(f"sparsevlm counts are visual tokens kept per layer (>= 0), got {self.counts}")
