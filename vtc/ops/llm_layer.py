@@ -24,10 +24,18 @@ float32. The model keeps its fused attention (SDPA, FlashAttention); nothing nee
 A learned scorer (p-MoD / ATP-LLaVA style routers) is just another :class:`LayerOperator` that
 reads ``ctx.hidden`` and sets ``needs_attention = False`` (:mod:`vtc.ops.router`).
 
-For the integration (phase B) the whole contract is: capture ``q [B, H, L, d]`` and
-``k [B, H_kv, L, d]`` inside the attention call of each layer in
-:meth:`vtc.Pipeline.layer_schedule` (only when some operator there ``needs_attention``), build
-``LayerContext.from_qk(q, k, ...)`` after the layer, call each operator, apply the masks.
+For the model integration the whole contract is, at prefill:
+
+1. ``schedule = pipeline.layer_schedule(num_layers)``; one ``state = {}`` per operator;
+2. in the attention call of each scheduled layer where some operator ``needs_attention``, keep
+   the post-RoPE ``query [B, H, L, d]``, ``key [B, H_kv, L, d]`` and ``scaling`` the call receives
+   (transformers' ``AttentionInterface`` sees exactly these; the model's own kernel still runs);
+3. after the layer, for each operator in order: ``ctx = LayerContext.from_qk(q, k, layer=l,
+   num_layers=T, hidden=layer_output, visual=..., valid=..., index=..., last=..., visual_in=...,
+   scale=scaling, embeds=... if op.needs_embeds, state=state[op])``, ``out = op(ctx)``;
+4. apply ``out`` (a keep mask, or a :class:`LayerUpdate`) to the hidden states, positions
+   (``op.position_ids``), the mask and the KV cache of the later layers. Decode steps never call
+   the operators.
 """
 
 from __future__ import annotations
@@ -307,6 +315,8 @@ class LayerOperator(Operator):
     default_stage: ClassVar[str] = "llm_layer"
     #: whether the operator reads the layer's attention (the integration then captures q/k there)
     needs_attention: ClassVar[bool] = True
+    #: whether the operator reads ``ctx.embeds`` (the LLM input embeddings of the current positions)
+    needs_embeds: ClassVar[bool] = False
     #: the method's own position-id policy after dropping (``"original"`` or ``"contiguous"``)
     default_position_ids: ClassVar[str] = "original"
 
