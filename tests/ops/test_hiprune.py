@@ -87,3 +87,7 @@ def test_requires_and_defaults():
     op = vtc.create("hiprune", keep=64)
     assert op.requires == {"attn_received": [8, 22]}
     assert [int(v) for v in op.anchors(torch.tensor([192, 128, 64]))] == [4, 3, 1]
+    # LLaVA-NeXT: the official code's spatial merge (no newline tokens, padding ranked); clean is standard
+    assert (op.newline_policy, op.sees_padding) == ("none", True)
+    clean = vtc.create("hiprune", keep=64, compat="clean")
+    assert (clean.newline_policy, clean.sees_padding) == (None, False)

@@ -102,3 +102,7 @@ def test_budget_presets_and_errors():
     with pytest.raises(ConfigError, match="visionzip takes"):
         vtc.create("visionzip", dominant=10, contextual=2, keep=12)
     assert vtc.create("visionzip", keep=8).requires == {"cls_attn": [22], "keys": [22]}
+    assert (op.newline_policy, op.sees_padding) == ("none", True)
+    assert (vtc.create("visionzip", keep=8, compat="clean").newline_policy,
+            vtc.create("visionzip", keep=8, compat="clean").sees_padding) \
+        == (None, False)

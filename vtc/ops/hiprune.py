@@ -14,7 +14,10 @@ attention), at two tower layers:
 The kept tokens are returned in raster order. Defaults (official): ``alpha=0.1``,
 ``object_layer=8`` (the official ``HIPRUNE_OBJECT_LAYER=9`` reads ``attentions[8]``, HF layer 8),
 ``deep_layer=22`` (LLaVA-1.5's feature layer). Budgets in the paper: 192/128/64 for LLaVA-1.5,
-640/320/160 for LLaVA-NeXT, split equally over the partitions (``int(k / P)``, ``per_partition=True``).
+640/320/160 for LLaVA-NeXT, split equally over the partitions (``int(k / P)``, ``per_partition=True``),
+with the ``spatial`` merge (no unpadding, no newline tokens: under ``compat="official"`` the
+operator declares ``newline_policy = "none"`` and ``sees_padding``; pass ``vtc.apply(...,
+unpad=False)`` for the padded grid as well).
 
 ``compat="official"`` (default): buffers are raster indices ``t +- 1`` and ``t +- w`` clamped to the
 partition's ``[0, h*w - 1]``, so ``t +- 1`` wraps to the previous/next row at the grid's edges, and
@@ -63,6 +66,17 @@ class HiPruneConfig(SelectConfig):
 class HiPrune(PerPartition, Selector):
     Config = HiPruneConfig
     default_stage = "vision"
+
+    @property
+    def newline_policy(self) -> str | None:
+        """LLaVA-NeXT: ``"none"`` under official compat (the official code's ``spatial`` merge has no newline
+        tokens; pass ``vtc.apply(..., unpad=False)`` for its padded grid too), else the standard rows."""
+        return "none" if self.config.compat == "official" else None
+
+    @property
+    def sees_padding(self) -> bool:
+        """Official: every crop token is ranked, padding included (no unpad in the official NeXT code)."""
+        return self.config.compat == "official"
 
     @property
     def requires(self) -> dict[str, list[int]]:

@@ -37,7 +37,8 @@ LLaVA-NeXT: the official code runs per partition (each crop is an image); with
 ``per_partition=True`` (default) vtc does too: ``dominant``/``contextual`` apply to each partition,
 and a ``keep=`` budget is split equally (``k // P``, floored under ``compat="official"``). The
 official NeXT code also restores the kept crop tokens' spatial order without unpadding or newline
-tokens; that is the integration's assembly.
+tokens: under ``compat="official"`` the operator declares ``newline_policy = "none"`` and
+``sees_padding`` (pass ``vtc.apply(..., unpad=False)`` for the padded grid as well).
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ class VisionZipConfig(SelectConfig):
 class VisionZip(PerPartition, Selector):
     Config = VisionZipConfig
     default_stage = "vision"
+
+    @property
+    def newline_policy(self) -> str | None:
+        """LLaVA-NeXT: ``"none"`` under official compat (the official code's ``spatial`` merge has no newline
+        tokens; pass ``vtc.apply(..., unpad=False)`` for its padded grid too), else the standard rows."""
+        return "none" if self.config.compat == "official" else None
+
+    @property
+    def sees_padding(self) -> bool:
+        """Official: every crop token is ranked, padding included (no unpad in the official NeXT code)."""
+        return self.config.compat == "official"
 
     @property
     def requires(self) -> dict[str, list[int]]:
