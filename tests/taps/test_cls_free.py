@@ -12,8 +12,6 @@ import copy
 
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
@@ -167,36 +165,23 @@ def test_chunked_rows_equal_one_chunk_and_outputs_are_unchanged(case):
     assert torch.equal(a, b)
 
 
-class _Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
-
-
-def _square_blocks(model, x, **kw):
+def _square_blocks(model, x, recorder, **kw):
     """Shapes ``[..., N, N]`` produced anywhere in a tapped forward (tower and tap alike)."""
-    with attach(model, {"attn_received": [0, 1, 2]}, **kw) as tap, torch.no_grad(), _Shapes() as rec:
+    with attach(model, {"attn_received": [0, 1, 2]}, **kw) as tap, torch.no_grad(), recorder() as rec:
         model(x)
     N = tap.num_tokens
     return [s for s in rec.shapes if len(s) >= 2 and s[-2:] == (N, N)], rec.shapes, N
 
 
-def test_no_n_by_n_scores_on_the_tap_path(case):
+def test_no_n_by_n_scores_on_the_tap_path(case, shapes):
     model, x, p, *_ = case
     B, N = x.shape[0], 16 + p
-    square, shapes, n = _square_blocks(model, x, max_chunk_elements=B * H * 5 * N)
+    square, seen, n = _square_blocks(model, x, shapes, max_chunk_elements=B * H * 5 * N)
     assert n == N and square == []  # neither the fused tower nor the chunked tap made an N x N block
-    rows = {s[-2] for s in shapes if len(s) == 4 and s[-1] == N and s[:2] == (B, H)} - {d}  # d: the keys, transposed
+    rows = {s[-2] for s in seen if len(s) == 4 and s[-1] == N and s[:2] == (B, H)} - {d}  # d: the keys, transposed
     assert rows == {5, N % 5}  # score chunks of 5 query rows, and the remainder
     # the check can fail: one chunk of every row is an N x N block
-    square, _, _ = _square_blocks(model, x, max_chunk_elements=10**9)
+    square, _, _ = _square_blocks(model, x, shapes, max_chunk_elements=10**9)
     assert (B, H, N, N) in square
 
 

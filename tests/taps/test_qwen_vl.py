@@ -9,8 +9,6 @@ reorders tokens window by window), independently of the tap's own bookkeeping.
 
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig  # noqa: E402
@@ -182,9 +180,9 @@ def test_window_layers_are_read_within_their_windows():
     torch.testing.assert_close(got[1], frames[1]["attn_received"], atol=2e-6, rtol=1e-5)  # layer 1 is full attention
 
 
-def test_chunking_equals_one_chunk_and_never_holds_a_segment_square(tower):
+def test_chunking_equals_one_chunk_and_never_holds_a_segment_square(tower, shapes):
     px = _pixels(GRID)
-    rec = _Shapes()
+    rec = shapes()
     with torch.no_grad():
         with attach(tower, {"attn_received": [0, 1]}) as one:
             tower(px, grid_thw=GRID)
@@ -194,20 +192,9 @@ def test_chunking_equals_one_chunk_and_never_holds_a_segment_square(tower):
         torch.testing.assert_close(chunked.signals["attn_received"][l], one.signals["attn_received"][l],
                                    atol=1e-7, rtol=1e-6)
     assert not [s for s in rec.shapes if len(s) >= 2 and s[-2:] in {(48, 48), (24, 24)}]  # the image segments
-    with attach(tower, {"attn_received": [1]}, max_chunk_elements=10**9) as _, _Shapes() as control, torch.no_grad():
+    with attach(tower, {"attn_received": [1]}, max_chunk_elements=10**9) as _, shapes() as control, torch.no_grad():
         tower(px, grid_thw=GRID)
     assert any(s[-2:] == (48, 48) for s in control.shapes if len(s) >= 2)  # the check can see one
-
-
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
 
 
 def test_to_merged_grid_averages_each_2x2_cell_in_merged_raster_order(tower):
