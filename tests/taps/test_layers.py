@@ -125,6 +125,8 @@ def test_layer_space_survives_keep_merge_and_regrouping():
     rows, G = t.split_groups()
     assert rows.layer_space is space and t.join_groups(rows, G).layer_space is space
     assert vtc.build("tome:keep=3,metric=keys,layer=feature")(t).layer_space is space
+    ragged = t.replace(mask=torch.arange(6).expand(2, 6) < torch.tensor([[2], [6]]))  # image 0 already fits keep=3
+    assert vtc.build("tome:keep=3,metric=keys,layer=feature")(ragged).layer_space is space
 
 
 # ---------------------------------------------------------------------- operators
