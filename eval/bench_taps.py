@@ -24,6 +24,7 @@ asynchronously).
     python eval/bench_taps.py                                  # CPU (and CUDA if present), batch 1 and 8
     python eval/bench_taps.py --batch 1 --signals cls --signals attn_received
     python eval/bench_taps.py --family qwen2.5 --image 224 --batch 1
+    python eval/bench_taps.py --batch 1 --threads 1 --clock process  # a shared CPU: count this process's time
     python eval/bench_taps.py --device cuda --repeats 20 --json taps.json
 
 CPU runs are slow (a ViT-L/336 forward is ~0.4 TFLOP), so the CPU defaults use few repeats and
@@ -99,8 +100,12 @@ def make_inputs(family: str, batch: int, image: int, device: str, dtype: torch.d
 
 
 class _Clock:
-    def __init__(self, device: str) -> None:
+    """CUDA events on a GPU; on CPU wall time, or this process's CPU time (``process=True``), which other
+    processes on a shared machine barely disturb (use it with ``--threads 1``)."""
+
+    def __init__(self, device: str, process: bool = False) -> None:
         self.cuda = device.startswith("cuda")
+        self.now = time.process_time if process else time.perf_counter
 
     def __call__(self, fn) -> float:
         if self.cuda:
@@ -111,13 +116,13 @@ class _Clock:
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000.0
-        t = time.perf_counter()
+        t = self.now()
         fn()
-        return time.perf_counter() - t
+        return self.now() - t
 
 
-def _instrument(tap, spent: list[float]) -> None:
-    """Add the host time spent inside every hook the tap installed to ``spent[0]``."""
+def _instrument(tap, spent: list[float], now=time.perf_counter) -> None:
+    """Add the host time (``now``'s) spent inside every hook the tap installed to ``spent[0]``."""
     for handle in tap._handles:
         hooks = handle.hooks_dict_ref()
         if hooks is None or handle.id not in hooks:
@@ -125,26 +130,26 @@ def _instrument(tap, spent: list[float]) -> None:
         inner = hooks[handle.id]
 
         def timed(*a, _inner=inner, **kw):
-            t = time.perf_counter()
+            t = now()
             try:
                 return _inner(*a, **kw)
             finally:
-                spent[0] += time.perf_counter() - t
+                spent[0] += now() - t
 
         hooks[handle.id] = timed
 
 
 def bench(device: str, batch: int, repeats: int, warmup: int, dtype: torch.dtype, tower, family: str,
-          sets: list[str], image: int = 336) -> list[dict]:
+          sets: list[str], image: int = 336, process_clock: bool = False) -> list[dict]:
     args, kwargs = make_inputs(family, batch, image, device, dtype)
-    clock = _Clock(device)
+    clock = _Clock(device, process_clock)
     feature = None if family == "qwen2.5" else -2  # LLaVA reads layer 22 of 24; Qwen's tower knows its own
     spent = [0.0]
 
     def run(name: str | None) -> float:
         tap = attach(tower, SIGNAL_SETS[name], feature_layer=feature) if name else None
         if tap is not None:
-            _instrument(tap, spent)
+            _instrument(tap, spent, clock.now)
         try:
             with torch.inference_mode():
                 t = clock(lambda: tower(*args, **kwargs))
@@ -181,6 +186,7 @@ def bench(device: str, batch: int, repeats: int, warmup: int, dtype: torch.dtype
         rows.append({
             "family": family, "device": device, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
             "signals": v, "requires": SIGNAL_SETS[v], "repeats": repeats, "warmup": warmup,
+            "clock": "cuda events" if clock.cuda else ("process cpu time" if process_clock else "wall"),
             "tokens_per_image": (image // 14 // 2 * 2) ** 2 if family == "qwen2.5" else 577,
             "median_s_without": mb, "median_s_with": mt, "ratio_of_medians": mt / mb,
             "median_pair_ratio": statistics.median(ratios[v]), "tap_compute_s": statistics.median(hook[v]),
@@ -202,6 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="signal sets to time (default: all the tower can give)")
     ap.add_argument("--image", type=int, default=336, help="qwen2.5: image side in pixels (default 336)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="CPU timing: wall time (default) or this process's CPU time (shared machines; with --threads 1)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cuda = device.startswith("cuda")
             reps = args.repeats if args.repeats is not None else (30 if cuda else (3 if b == 1 else 1))
             warm = args.warmup if args.warmup is not None else (5 if cuda else (1 if i == 0 else 0))
-            for row in bench(device, b, reps, warm, dtype, tower, args.family, sets, args.image):
+            for row in bench(device, b, reps, warm, dtype, tower, args.family, sets, args.image, args.clock == "process"):
                 rows.append(row)
                 print(f"{args.family:9s} {device:5s} {row['dtype']:8s} batch {b:2d} {row['signals']:13s}: "
                       f"without {row['median_s_without'] * 1e3:9.2f} ms  with {row['median_s_with'] * 1e3:9.2f} ms  "
