@@ -30,8 +30,8 @@ integration building its own VisualTokens passes ``layer_space=tap.layer_space``
 """
 
 from vtc.taps.layers import LAYER_NAMES, Layer, LayerSpace, hidden_state_layer, sorted_layers
-from vtc.taps.received import MAX_CHUNK_ELEMENTS
 from vtc.taps.qwen_vl import to_merged_grid
+from vtc.taps.received import MAX_CHUNK_ELEMENTS
 from vtc.taps.tap import CLS_FREE_SIGNALS, CLS_SIGNALS, SIGNALS, Tap, attach
 from vtc.taps.visual_tokens import to_tokens
 
