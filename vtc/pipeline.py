@@ -31,6 +31,7 @@ from torch import nn
 from vtc.errors import ConfigError
 from vtc.ops.base import STAGES, Operator
 from vtc.registry import create, get_op
+from vtc.taps.layers import sorted_layers
 from vtc.tokens import VisualTokens
 
 __all__ = ["Pipeline", "build", "parse_spec"]
@@ -120,7 +121,7 @@ class Pipeline(nn.Module):
         for op in self.ops:
             for sig, layers in op.requires.items():
                 out.setdefault(sig, set()).update(layers)
-        return {k: sorted(v) for k, v in out.items()}
+        return {k: sorted_layers(v) for k, v in out.items()}
 
     def __len__(self) -> int:
         return len(self.ops)

@@ -254,4 +254,5 @@ def _take_rows(a: VisualTokens, b: VisualTokens, use_a: Tensor) -> VisualTokens:
         layout=b.layout,
         signals=signals,
         budget=b.budget,
+        layer_space=b.layer_space,
     )

@@ -38,6 +38,7 @@ from torch import Tensor
 from vtc.errors import BudgetError, SignalError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.registry import register
+from vtc.taps.layers import Layer
 from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens
 
 _FIRST = "_tome_first_index"  # private signal: smallest original index inside each token
@@ -50,7 +51,7 @@ class ToMeConfig(SelectConfig):
 
     r: int | None = None
     metric: Literal["auto", "keys", "x"] = "auto"
-    layer: int | None = None
+    layer: Layer | None = None
     protect_cls: bool = False
     compat: Literal["official", "clean"] = "official"
     restore_order: bool = False
@@ -196,7 +197,7 @@ class ToMe(Selector):
                         f"(asked for {int(target[n > target].min())}); raise keep or disable protect_cls"
                     )
                 break
-            metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
+            metric = tokens.x if key_layer is None else tokens.signal("keys", key_layer, op="operator 'tome'")
             assign, rep, slot_valid, _ = bipartite_step(metric, n, r, bool(protect), tokens.group)
             tokens = tokens.merge(assign, rep, None if bool(slot_valid.all()) else slot_valid)
             if one_step:
