@@ -98,3 +98,18 @@ def test_an_unknown_position_mode_is_refused_by_the_family(models):
 
     with pytest.raises(ConfigError, match="position_ids"):
         vtc.apply(models["llava"], "pool:keep=16", position_ids="packed")
+
+
+@torch.no_grad()
+def test_negative_and_named_layers_resolve_against_the_tower(small_models, photos):
+    """vtc-cls with layers [-2, 'feature'] on LLaVA (4-layer tower, vision_feature_layer=-2) reads layer 2."""
+    import vtc
+
+    model, proc = small_models["llava"]
+    batch = proc(images=photos[:1], text=["<image> a"], return_tensors="pt")
+    picks = []
+    for layers in ("[2]", "[-2]", "['feature']"):
+        with vtc.apply(model, f"vtc-cls:keep=16,layers={layers}") as h:
+            model(**batch)
+        picks.append(h.last.index[0])
+    assert torch.equal(picks[0], picks[1]) and torch.equal(picks[0], picks[2])

@@ -71,6 +71,7 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
         group=torch.where(mask, p.repeat_interleave(N), zero),
         layout=tuple(layouts),
         signals={k: {l: take(t) for l, t in v.items()} for k, v in flat.signals.items()},
+        layer_space=flat.layer_space,
     )
 
 
@@ -150,4 +151,5 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         layout=tokens.layout,
         signals={k: {l: pick(t, 0.0) for l, t in v.items()} for k, v in tokens.signals.items()},
         budget=tokens.budget,
+        layer_space=tokens.layer_space,
     )

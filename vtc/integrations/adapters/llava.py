@@ -42,9 +42,20 @@ class LlavaAdapter(ModelAdapter):
         replaces_projector(pipeline)  # a misplaced projector-replacing operator fails here, not at the first call
         self.has_vision_ops = any(op.stage == "vision" for op in pipeline)
         self.requires = pipeline.requires
-        self.tap = open_tap(self.vision_tower, self.requires, who=f"the pipeline {pipeline}")
+        self.tap = open_tap(self.vision_tower, self.requires, who=f"the pipeline {pipeline}",
+                            feature_layer=self.feature_layer())
         if self.tap is not None:
             handle.on_remove(self.tap.remove)
+
+    def feature_layer(self) -> int | None:
+        """The tower layer LLaVA's features come from (``vision_feature_layer`` is a ``hidden_states``
+        index: -2 is layer 22 of CLIP-L's 24); the last one when several are concatenated."""
+        from vtc.integrations.towers import num_blocks
+        from vtc.taps.layers import hidden_state_layer
+
+        layer = self.config.vision_feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        return hidden_state_layer(int(layer), num_blocks(self.vision_tower))
 
     def feature_selection(self, kw: dict[str, Any]) -> tuple[Any, str]:
         """``(vision_feature_layer, vision_feature_select_strategy)`` of a call (else the config's)."""

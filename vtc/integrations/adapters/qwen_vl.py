@@ -36,7 +36,7 @@ from vtc.errors import ConfigError, InputError, SignalError
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded, ModelAdapter
 from vtc.integrations.compaction import Compaction, DecodeState
-from vtc.integrations.signals import CLS_SIGNALS
+from vtc.integrations.signals import CLS_SIGNALS, open_tap
 from vtc.integrations.stages import replaces_projector, run_stages
 from vtc.tokens import Layout, VisualTokens
 
@@ -44,7 +44,11 @@ __all__ = ["QwenVLAdapter", "SIGNAL_FREE"]
 
 #: the operators that work on Qwen VL's merged grid without tower signals
 SIGNAL_FREE = ("divprune", "tome", "random", "uniform", "pool", "m3")
+#: operators that score by a CLS-free tower signal, which Qwen VL's tower gives
+CLS_FREE = ("hiprune", "visionzip:signal=attn_received")
 DEEPSTACK = "deepstack"
+#: how a per-patch signal becomes a merged token's (attention received is additive mass)
+_MERGED_REDUCE = {"attn_received": "sum"}
 
 
 @register_adapter
@@ -139,16 +143,36 @@ class QwenVLAdapter(ModelAdapter):
                     f"{op.name!r} replaces the projector, but {name}'s merger runs inside its vision tower and vtc "
                     f"runs operators after it; use an operator that keeps or merges tokens ({', '.join(SIGNAL_FREE)})")
         replaces_projector(pipeline)
-        if pipeline.requires:
-            readers = [op.name for op in pipeline if op.requires]
-            needs = sorted(pipeline.requires)
-            cls_part = [s for s in needs if s in CLS_SIGNALS]
-            why = (f"{', '.join(cls_part)} need a CLS token, which {name}'s vision tower does not have"
-                   if cls_part else f"vtc does not record tower signals on {name}'s vision tower yet")
+        self.requires = pipeline.requires
+        cls_needed = sorted(s for s in self.requires if s in CLS_SIGNALS)
+        if cls_needed:
+            readers = [op.name for op in pipeline if set(op.requires) & set(cls_needed)]
             raise SignalError(
-                f"{', '.join(readers)} read{'s' if len(readers) == 1 else ''} the vision-tower signals "
-                f"{', '.join(needs)}; {why}. On Qwen VL models use operators that need no tower signal, which "
-                f"run on the merged grid: {', '.join(SIGNAL_FREE)} (m3: square grids)")
+                f"{', '.join(readers)} read{'s' if len(readers) == 1 else ''} {', '.join(cls_needed)}, the CLS token's "
+                f"attention, but {name}'s vision tower has no CLS token. On Qwen VL models use operators that need no "
+                f"tower signal, which run on the merged grid: {', '.join(SIGNAL_FREE)} (m3: square grids); or ones "
+                f"that score by a CLS-free signal (attn_received, key_norms): {', '.join(CLS_FREE)}")
+        self.tap = open_tap(self.vision_tower, self.requires, who=f"the pipeline {pipeline}", prefix=0)
+        if self.tap is not None:
+            handle.on_remove(self.tap.remove)
+
+    def merged_signals(self, counts: list[int]) -> dict[str, dict[int, list[Tensor]]]:
+        """The tap's signals of the last tower forward, per image, on the merged tokens."""
+        from vtc.taps import to_merged_grid
+
+        out: dict[str, dict[int, list[Tensor]]] = {}
+        if self.tap is None:
+            return out
+        for name, layers in self.tap.requires.items():
+            reduce = _MERGED_REDUCE.get(name, "mean")
+            out[name] = {}
+            for layer in layers:
+                per_image = [to_merged_grid(t, self.merge, reduce) for t in self.tap.per_image(name, layer)]
+                if [int(t.shape[0]) for t in per_image] != counts:
+                    raise SignalError(f"the tap recorded {name}[{layer}] for {[int(t.shape[0]) for t in per_image]} "
+                                      f"merged tokens but the images have {counts}")
+                out[name][layer] = per_image
+        return out
 
     # ------------------------------------------------------------------ images -> tokens
     def encode(self, kw: dict[str, Any]) -> Encoded:
@@ -164,11 +188,12 @@ class QwenVLAdapter(ModelAdapter):
         grids = [(int(h) // m, int(w) // m) for _, h, w in thw.tolist()]
         out = self.inner.get_image_features(kw["pixel_values"], thw, return_dict=True)
         feats = list(out.pooler_output)
-        signals = {}
+        signals = self.merged_signals([int(f.shape[0]) for f in feats])
         deep = getattr(out, "deepstack_features", None)
         if deep:
             signals[DEEPSTACK] = {j: list(per_image) for j, per_image in enumerate(deep)}
-        tokens = VisualTokens.from_list(feats, layout=[Layout.grid(h, w) for h, w in grids], signals=signals)
+        tokens = VisualTokens.from_list(feats, layout=[Layout.grid(h, w) for h, w in grids], signals=signals,
+                                        layer_space=None if self.tap is None else self.tap.layer_space)
         if tokens.dim != self.text_width:
             raise InputError(f"the merger gave {tokens.dim}-wide tokens; the language model takes {self.text_width}")
         compressed = run_stages(self.pipeline, tokens, None, out_dim=self.text_width)

@@ -254,3 +254,22 @@ def test_the_adapter_exposes_the_decoder_rotary_and_cache(qwen_models, batches, 
         assert torch.equal(cos, seen["pe"][0]) and torch.equal(sin, seen["pe"][1])
     keys, values = ad.cache_layer(ad.cache_out(out), 0)
     assert keys.shape[:3] == (2, model.config.text_config.num_key_value_heads, batch["input_ids"].shape[1])
+
+
+@torch.no_grad()
+def test_cls_free_signals_reach_the_operators_on_the_merged_grid(qwen_models, batches):
+    """hiprune (attention received) through vtc.apply equals hiprune on the merged tokens with the
+    signal of a tap opened by hand (summed over each 2x2 block); layer -1 resolves to the tower's last."""
+    from vtc.taps import attach, to_merged_grid
+
+    model, proc = qwen_models["qwen2_5_vl"]
+    batch = _batch(proc, *batches)
+    with vtc.apply(model, "hiprune:keep=8,object_layer=0,deep_layer=-1") as h:
+        model(**batch)
+    with attach(model.model.visual, {"attn_received": [0, 1]}) as tap:
+        feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        sig = {l: [to_merged_grid(t, 2, "sum") for t in tap.per_image("attn_received", l)] for l in (0, 1)}
+    tokens = vtc.VisualTokens.from_list(list(feats), layout=[vtc.Layout.grid(*g) for g in _grids(batch)],
+                                        signals={"attn_received": sig})
+    want = vtc.create("hiprune", keep=8, object_layer=0, deep_layer=1)(tokens).unbind_index()
+    assert all(torch.equal(a, b) for a, b in zip(h.last.index, want))
