@@ -66,6 +66,16 @@ class Compaction:
     def labels(self, labels: Tensor | None) -> Tensor | None:
         return None if labels is None else self._take(labels, -100)
 
+    def visual_index(self, index: Tensor) -> Tensor:
+        """``[B, Lc]`` long: the index (``index[i, j]``: the original token index the compressed
+        tokens carry, one row per image) of the visual token each slot holds, -1 for text and padding.
+        What the ``llm_layer`` stage's ``LayerContext.index`` is at the first decoder layer."""
+        img = self.image.gather(1, self.src)
+        off = self.offset.gather(1, self.src)
+        visual = (img >= 0) & self.slot_valid
+        tok = index.to(img.device)[img.clamp_min(0), off.clamp_min(0).clamp_max(index.shape[1] - 1)]
+        return torch.where(visual, tok, torch.full_like(tok, -1))
+
     def token_source(self, index: Tensor) -> Tensor:
         """``[B, Lc]``: the original prompt position of the token each slot carries.
 
@@ -74,11 +84,9 @@ class Compaction:
         grid for Qwen VL) stands where stock put it, at its run's start plus ``index[i, j]``.
         Padding slots get 0.
         """
-        img = self.image.gather(1, self.src)
+        tok = self.visual_index(index)
         off = self.offset.gather(1, self.src)
-        visual = (img >= 0) & self.slot_valid
-        tok = index.to(img.device)[img.clamp_min(0), off.clamp_min(0).clamp_max(index.shape[1] - 1)]
-        out = torch.where(visual, self.src - off + tok, self.src)
+        out = torch.where(tok >= 0, self.src - off + tok, self.src)
         return torch.where(self.slot_valid, out, torch.zeros_like(out))
 
     def position_ids(self, position_ids: Tensor | None, mode: str) -> Tensor:
