@@ -100,6 +100,14 @@ def test_an_unknown_position_mode_is_refused_by_the_family(models):
         vtc.apply(models["llava"], "pool:keep=16", position_ids="packed")
 
 
+def test_in_llm_operators_are_refused_where_the_family_does_not_run_them(models):
+    import vtc
+
+    with pytest.raises(ConfigError, match="fastv runs inside the language model"):
+        vtc.apply(models["llava"], "divprune:keep=64 | fastv")
+    assert "forward" not in models["llava"].__dict__
+
+
 @torch.no_grad()
 def test_negative_and_named_layers_resolve_against_the_tower(small_models, photos):
     """vtc-cls with layers [-2, 'feature'] on LLaVA (4-layer tower, vision_feature_layer=-2) reads layer 2."""

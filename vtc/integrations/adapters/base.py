@@ -87,6 +87,8 @@ class ModelAdapter(ABC):
     default_position_ids: ClassVar[str] = "contiguous"
     #: whether every prefill keeps a decode state (positions need it even when nothing was dropped)
     tracks_every_prefill: ClassVar[bool] = False
+    #: whether this family runs ``llm_layer`` operators inside its decoder (the in-LLM stage)
+    supports_llm_layer: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -236,6 +238,12 @@ class ModelAdapter(ABC):
         mode = self.position_mode(options)
         if mode not in self.position_modes:
             raise ConfigError(self.position_mode_error(mode))
+        inside = [op.name for op in pipeline if op.stage == "llm_layer"]
+        if inside and not self.supports_llm_layer:
+            raise ConfigError(
+                f"{', '.join(inside)} run{'s' if len(inside) == 1 else ''} inside the language model (stage "
+                f"'llm_layer'), which vtc.apply does not integrate on {type(self.model).__name__} yet; use operators "
+                "that run before the language model")
         self.pipeline, self.options = pipeline, options
 
     def position_mode(self, options: ApplyOptions) -> str:
