@@ -21,8 +21,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from vtc.errors import BudgetError, ConfigError
-from vtc.tokens import VisualTokens
+from vtc.errors import BudgetError, ConfigError, InputError
+from vtc.tokens import VisualTokens, checking, inputs_checked
+
+_MAX_KEEP = torch.iinfo(torch.long).max
 
 Stage = Literal["vision", "llm"]
 STAGES: tuple[str, ...] = ("vision", "llm")
@@ -134,6 +136,24 @@ class Operator(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in config_dict(self.config, full=False).items())
 
+    def __call__(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the operator. Called on its own (not inside a Pipeline, which validates once for all
+        its operators), it first validates ``tokens`` (:meth:`VisualTokens.validate`: features,
+        required signals, sizes, layout); an empty batch is returned as it is."""
+        if isinstance(tokens, Tensor):
+            raise InputError(
+                f"operator {self.name!r} takes vtc.VisualTokens, got a bare tensor of shape {tuple(tokens.shape)}; "
+                "wrap the features: vtc.VisualTokens(x=features) (add layout=, signals= as the operator needs)"
+            )
+        if isinstance(tokens, VisualTokens):
+            if tokens.batch_size == 0 and not self.replaces_projector:
+                return tokens
+            if checking():
+                tokens.validate(f"operator {self.name!r}", self.requires)
+                with inputs_checked():
+                    return super().__call__(tokens, *args, **kwargs)
+        return super().__call__(tokens, *args, **kwargs)
+
     def check_signals(self, tokens: VisualTokens) -> None:
         """Raise a SignalError naming the first required signal that is missing."""
         for sig, layers in self.requires.items():
@@ -147,21 +167,32 @@ class Operator(nn.Module):
 class Selector(Operator):
     """An operator that reduces each image, or each partition under a budget, to ``k`` tokens.
 
-    Subclasses implement :meth:`select`; this class resolves ``k``, validates inputs, skips
-    images that already fit, and runs per-partition rows when a budget is present.
+    Subclasses implement :meth:`select`; this class resolves ``k``, skips images that already
+    fit, and runs per-partition rows when a budget is present. When every image holds all its
+    ``N`` tokens (no mask) and no budget is set, ``k`` is a host ``int`` and ``select`` is called
+    only if ``k < N``: operators then return exactly ``k`` tokens per image without a host sync.
     """
 
     Config: ClassVar[type] = SelectConfig
     selects: ClassVar[bool] = True
+    #: whether :meth:`select` accepts an ``int`` budget (see the class docstring); a subclass that
+    #: only handles ``[B]`` tensors leaves this False and gets a tensor
+    int_budget: ClassVar[bool] = False
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite(f"operator {self.name!r}")
         self.check_signals(tokens)
         if tokens.budget is not None:
             rows, G = tokens.split_groups()
             k = torch.minimum(rows.budget[:, 0], rows.counts)
             out = self._run(rows.replace(budget=None), k)
             return tokens.join_groups(out.replace(budget=None), G)
+        if tokens.mask is None:
+            k = self.resolve_keep(tokens.num_tokens)
+            if k >= tokens.num_tokens:
+                return tokens
+            if self.int_budget:
+                return self.select(tokens, k)
+            return self.select(tokens, torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device))
         return self._run(tokens, self.resolve_keep(tokens.counts))
 
     def _run(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
@@ -178,22 +209,25 @@ class Selector(Operator):
         conflict with them)."""
         return [a for a in ("keep", "ratio") if getattr(self.config, a, None) is not None]
 
-    def resolve_keep(self, counts: Tensor) -> Tensor:
-        """Per-image budget ``k`` ``[B]`` from ``keep``/``ratio`` (clamped to the tokens present)."""
+    def resolve_keep(self, counts: Tensor | int) -> Tensor | int:
+        """Budget ``k`` from ``keep``/``ratio``, clamped to the tokens present: per image ``[B]`` for
+        ``counts`` ``[B]``, or a host int for a host count."""
         cfg = self.config
-        if cfg.keep is not None:
-            k = torch.full_like(counts, cfg.keep)
-        elif cfg.ratio is not None:
-            k = torch.round(counts.to(torch.float64) * cfg.ratio).long().clamp_min(1)
-        else:
+        if cfg.keep is None and cfg.ratio is None:
             raise BudgetError(
                 f"operator {self.name!r} has no budget: give keep= or ratio=, or put an allocator "
                 f"(hired, globalcom2) before it in the pipeline"
             )
-        return torch.minimum(k, counts)
+        if isinstance(counts, int):
+            k = cfg.keep if cfg.keep is not None else max(1, round(counts * cfg.ratio))
+            return min(k, counts)
+        if cfg.keep is not None:
+            return counts.clamp_max(min(cfg.keep, _MAX_KEEP))
+        return torch.minimum(torch.round(counts.to(torch.float64) * cfg.ratio).long().clamp_min(1), counts)
 
-    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:  # pragma: no cover - abstract
-        """Reduce row ``b`` of ``tokens`` to ``k[b]`` tokens (``0 <= k[b] <= counts[b]``)."""
+    def select(self, tokens: VisualTokens, k: Tensor | int) -> VisualTokens:  # pragma: no cover - abstract
+        """Reduce row ``b`` of ``tokens`` to ``k[b]`` tokens (``0 <= k[b] <= counts[b]``); an ``int``
+        ``k`` (only when :attr:`int_budget`) means every row holds all its tokens and keeps exactly ``k``."""
         raise NotImplementedError
 
 
