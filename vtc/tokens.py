@@ -28,20 +28,24 @@ from torch import Tensor
 
 from vtc.errors import InputError, LayoutError
 
-__all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES", "inputs_checked", "checking"]
+__all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES", "inputs_checked", "checking", "checking_structure"]
 
-_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("vtc_inputs_checked", default=False)
+#: 0: check everything (the default); 1: the data were validated where they entered (skip data
+#: checks, keep structural ones); 2: fast mode (skip every check)
+_CHECKED: contextvars.ContextVar[int] = contextvars.ContextVar("vtc_inputs_checked", default=0)
 
 
 @contextmanager
-def inputs_checked() -> Iterator[None]:
+def inputs_checked(fast: bool = False) -> Iterator[None]:
     """Run a block whose tokens were validated where they entered (:meth:`VisualTokens.validate`).
 
     A :class:`~vtc.pipeline.Pipeline` (or an operator called on its own) checks its input once and
     runs its operators inside this block; there :meth:`VisualTokens.check_finite` and the other
-    data-dependent checks of the helpers (each a host sync on a GPU) are skipped.
+    data checks of the helpers (each a host sync on a GPU) are skipped. ``fast=True`` (a pipeline's
+    ``validate=False`` mode) also skips the operators' structural checks (e.g. that an allocator
+    sees complete partitions), which a first validated call has already passed.
     """
-    token = _CHECKED.set(True)
+    token = _CHECKED.set(2 if fast else max(1, _CHECKED.get()))
     try:
         yield
     finally:
@@ -49,8 +53,13 @@ def inputs_checked() -> Iterator[None]:
 
 
 def checking() -> bool:
-    """Whether data-dependent input checks should run (false inside :func:`inputs_checked`)."""
-    return not _CHECKED.get()
+    """Whether data checks should run (false inside :func:`inputs_checked`)."""
+    return _CHECKED.get() == 0
+
+
+def checking_structure() -> bool:
+    """Whether operators' structural checks should run (false only in fast mode)."""
+    return _CHECKED.get() < 2
 
 
 def size_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -271,9 +280,10 @@ class VisualTokens:
 
     def validate(self, where: str = "operator", signals: Mapping[str, Sequence[int]] | None = None) -> None:
         """Check the data once, where tokens enter a pipeline or an operator: the valid tokens'
-        features and the ``signals`` named (``{name: [layers]}``; default every signal) are finite,
-        ``size`` is finite and positive, and with a ``layout`` every token lies inside its partition's
-        grid. Raise :class:`InputError` (:class:`LayoutError` for the layout) naming the first bad token.
+        features and the ``signals`` named (``{name: [layers]}``; default every signal) are finite
+        and ``size`` is finite and positive. Raise :class:`InputError` naming the first bad token.
+        (Whether tokens fit their ``layout`` is checked by the geometry helpers that read it:
+        :meth:`grid_position`, :meth:`check_layout`.)
 
         Cost: one min/max pass over each checked tensor, one host sync; the detailed (slower) scan runs
         only when that pass finds something."""
@@ -301,28 +311,7 @@ class VisualTokens:
             s = self.size if self.mask is None else self.size.masked_fill(~self.mask, 1)
             lo, hi = torch.aminmax(s)
             flags.append((lo > 0) & (hi < math.inf))
-        bad = self._outside_layout()
-        if bad is not None:
-            flags.append(~bad.any())
         return flags
-
-    def _outside_layout(self) -> Tensor | None:
-        """``[B, N]`` bool: valid tokens outside their partition's grid (None without a layout on
-        every image). Without ``group`` a token's partition follows from its index (the position in
-        the concatenation of the partitions), so the index must lie within the layout's tokens."""
-        layouts = self.layouts()
-        if not layouts or any(lay is None for lay in layouts):
-            return None
-        if self.group is None:
-            total = {lay.num_tokens for lay in layouts}
-            hi = (total.pop() if len(total) == 1 else
-                  torch.tensor([lay.num_tokens for lay in layouts], device=self.device).unsqueeze(1))
-            bad = (self.index < 0) | (self.index >= hi)
-        else:
-            off, h, w = self._grid_table()
-            local = self.index - off
-            bad = (local < 0) | (local >= h * w)
-        return bad if self.mask is None else bad & self.mask
 
     def _diagnose(self, where: str, signals: Mapping[str, Sequence[int]] | None) -> None:
         """The detailed scan behind :meth:`validate`: raise naming the first bad token (padding is ignored)."""
@@ -358,14 +347,6 @@ class VisualTokens:
                     f"{where}: size must be a finite count > 0 of the patches each token stands for, but it is {v} "
                     f"at image {hit[0]}, token {hit[1]} ({hit[2]} tokens in all); leave size=None for unmerged tokens"
                 )
-        bad = self._outside_layout()
-        if bad is not None and bool(bad.any()):
-            b, n = (int(v) for v in bad.nonzero()[0])
-            raise LayoutError(
-                f"{where}: token {n} of image {b} (index {int(self.index[b, n])}) lies outside its partition's grid; "
-                "the layout does not describe these tokens (for LLaVA-NeXT, index is the position in the "
-                "concatenation of all partitions' patch tokens)"
-            )
 
     def check_finite(self, op: str = "operator", signals: Mapping[str, Sequence[int]] | None = None) -> None:
         """:meth:`validate` unless the caller already validated these tokens (:func:`inputs_checked`)."""
@@ -739,6 +720,11 @@ class VisualTokens:
             self._check_local(self.index - off, h * w)
         return off, h, w
 
+    def check_layout(self) -> None:
+        """Raise :class:`LayoutError` when a valid token lies outside its partition's grid (one host
+        sync; what :meth:`grid_position` checks, for code that reads the layout without it)."""
+        self._grid_table(check=True)
+
     def _check_local(self, local: Tensor, hw: Tensor) -> None:
         bad = (local < 0) | (local >= hw)
         if self.mask is not None:
@@ -755,7 +741,7 @@ class VisualTokens:
         Uses ``layout`` (one per image or shared). Without a layout, a single square grid holding
         every original token is assumed, which needs a perfect-square token count.
         """
-        off, h, w = self._grid_table(check=checking())
+        off, h, w = self._grid_table(check=checking_structure())
         local = self.index - off
         shape = self.index.shape
         return local // w, local % w, h.expand(shape), w.expand(shape)

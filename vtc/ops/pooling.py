@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens, size_dtype
+from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens, checking_structure, size_dtype
 
 
 def complete_grid(tokens: VisualTokens) -> tuple[int, int, int] | None:
@@ -72,6 +72,8 @@ def pool_complete_grid(tokens: VisualTokens, P: int, h: int, w: int, gh: int, gw
     ``P*gh*gw`` tokens per image, no host sync."""
     B, N = tokens.x.shape[:2]
     dev = tokens.device
+    if checking_structure():
+        tokens.check_layout()
     slot_of, rep_index = _tables(P, h, w, gh, gw, dev)
     if h % gh == 0 and w % gw == 0 and tokens.size is None:
         return _avg_pool(tokens, P, h, w, gh, gw, rep_index)
