@@ -194,7 +194,7 @@ class VisualTokens:
         B, N = x.shape[:2]
         dev = x.device
         if self.index is None:
-            self.index = torch.arange(N, device=dev).expand(B, N)
+            self.index = _raster_index(B, N, dev)
         if want("index") or want("x"):
             self.index = self._check_field("index", self.index, (B, N), integral=True)
         if self.mask is not None and (want("mask") or want("x")):
@@ -244,7 +244,7 @@ class VisualTokens:
         obj = cls.__new__(cls)
         obj.x = x
         obj.mask = mask
-        obj.index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1) if index is None else index
+        obj.index = _raster_index(x.shape[0], x.shape[1], x.device) if index is None else index
         obj.size = size
         obj.group = group
         obj.layout = layout
@@ -353,6 +353,12 @@ class VisualTokens:
         if checking():
             self.validate(op, signals)
 
+    @property
+    def raster(self) -> bool:
+        """Whether ``index`` is known, on the host, to be ``0..N-1`` in every row (it was left to its
+        default): the tokens are in their original order. False means unknown."""
+        return getattr(self.index, "_vtc_raster", False)
+
     # ------------------------------------------------------------------ basic facts
     @property
     def batch_size(self) -> int:
@@ -436,7 +442,7 @@ class VisualTokens:
         if checking():
             out._normalise(pack="mask" in changes, check_budget="budget" in changes, fields=list(changes))
         elif out.index is None:
-            out.index = torch.arange(out.x.shape[1], device=out.x.device).expand(out.x.shape[0], -1)
+            out.index = _raster_index(out.x.shape[0], out.x.shape[1], out.x.device)
         return out
 
     def to(self, *args: Any, **kwargs: Any) -> VisualTokens:
@@ -468,13 +474,14 @@ class VisualTokens:
         return VisualTokens.unchecked(**out)
 
     # ------------------------------------------------------------------ keeping tokens
-    def gather(self, idx: Tensor, valid: Tensor | None = None) -> VisualTokens:
+    def gather(self, idx: Tensor, valid: Tensor | None = None, *, some_invalid: bool | None = None) -> VisualTokens:
         """Tokens at positions ``idx`` ``[B, K]`` of each row, in that order.
 
         ``valid`` ``[B, K]`` marks real entries (padding entries may hold any index and must come
         after the real ones in each row). Every field and signal is gathered; ``budget`` and
         ``layout`` are kept as they are. Without ``valid`` (every entry real) and without a mask
-        this costs one indexing op per field and no host sync.
+        this costs one indexing op per field and no host sync; ``some_invalid`` (whether ``valid``
+        holds a false entry, when the caller knows) saves the sync that finds out.
         """
         B = self.batch_size
         if idx.dim() != 2 or idx.shape[0] != B:
@@ -487,10 +494,15 @@ class VisualTokens:
         def take(t: Tensor) -> Tensor:
             g = t[rows, idx]
             if valid is not None and g.is_floating_point():
-                g = g.masked_fill(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)
+                g.masked_fill_(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)  # g is a fresh copy
             return g
 
-        new_mask = None if valid is None or bool(valid.all()) else valid
+        if valid is None:
+            new_mask = None
+        elif some_invalid is None:
+            new_mask = None if bool(valid.all()) else valid
+        else:
+            new_mask = valid if some_invalid else None
         if self.mask is not None and checking():
             taken = self.mask[rows, idx] if valid is None else self.mask[rows, idx] & valid
             if bool((taken != (valid if valid is not None else True)).any()):
@@ -627,7 +639,7 @@ class VisualTokens:
         def take(t: Tensor) -> Tensor:
             g = t[0][flat]
             if g.is_floating_point():
-                g = g.masked_fill(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)
+                g.masked_fill_(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)  # g is a fresh copy
             return g
         return self._map(take, mask=valid, budget=None)
 
@@ -748,6 +760,13 @@ class VisualTokens:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(VisualTokens))
+
+
+def _raster_index(B: int, N: int, device: torch.device) -> Tensor:
+    """The default ``index``: ``arange(N)`` per row, marked so :attr:`VisualTokens.raster` knows it."""
+    idx = torch.arange(N, device=device).expand(B, N)
+    idx._vtc_raster = True
+    return idx
 
 
 def _layout_rows(layout: Layout, P: int) -> list[tuple[int, int, int]]:

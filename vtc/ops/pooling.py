@@ -78,25 +78,33 @@ def pool_complete_grid(tokens: VisualTokens, P: int, h: int, w: int, gh: int, gw
     if h % gh == 0 and w % gw == 0 and tokens.size is None:
         return _avg_pool(tokens, P, h, w, gh, gw, rep_index)
     assign = slot_of[tokens.index]
-    # position of each representative in the row: invert index (a permutation of the grid)
-    pos_of = torch.zeros(B, N, dtype=torch.long, device=dev).scatter_(
-        1, tokens.index, torch.arange(N, device=dev).expand(B, N))
-    return tokens.merge(assign, pos_of[:, rep_index])
+    rep = rep_index.expand(B, -1) if tokens.raster else _positions_of(tokens.index)[:, rep_index]
+    return tokens.merge(assign, rep)
+
+
+def _positions_of(index: Tensor) -> Tensor:
+    """``[B, N]``: the position in its row of each original index ``0..N-1`` (``index`` is a
+    permutation of them in every row)."""
+    B, N = index.shape
+    return torch.zeros(B, N, dtype=torch.long, device=index.device).scatter_(
+        1, index, torch.arange(N, device=index.device).expand(B, N))
 
 
 def _avg_pool(tokens: VisualTokens, P: int, h: int, w: int, gh: int, gw: int, rep_index: Tensor) -> VisualTokens:
     B, N = tokens.x.shape[:2]
     kh, kw = h // gh, w // gw
     M = P * gh * gw
-    index = tokens.index
+    rows = torch.arange(B, device=tokens.device).unsqueeze(1)
+    pos_of = None if tokens.raster else _positions_of(tokens.index)
 
     def pool(t: Tensor, rule: str) -> Tensor:
         tail = t.shape[2:]
         c = t.reshape(B, N, -1)
         C = c.shape[2]
         # to raster order (tokens may be any permutation of the grid), then [B*P, C, h, w] channels-last
-        raster = torch.zeros_like(c).scatter_(1, index.unsqueeze(2).expand(B, N, C), c)
-        g = raster.view(B * P, h, w, C).permute(0, 3, 1, 2)
+        if not tokens.raster:
+            c = c[rows, pos_of]
+        g = c.view(B * P, h, w, C).permute(0, 3, 1, 2)
         if rule == "mean":
             out = F.avg_pool2d(g, (kh, kw))
         elif rule == "sum":

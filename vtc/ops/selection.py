@@ -54,6 +54,14 @@ def descending_positions(scores: Tensor, k: int, *, stable: bool = True) -> Tens
     return torch.sort(scores, dim=1, descending=True, stable=stable).indices[:, :k]
 
 
+def rank_mask(order: Tensor, k: Tensor) -> Tensor:
+    """``[B, N]`` bool: true at the first ``k[b]`` positions listed in ``order`` (a permutation of
+    ``0..N-1`` per row). Unlike :func:`mask_from_order` it needs no host sync."""
+    B, N = order.shape
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+    return rank < k.view(B, 1)
+
+
 def keep_top(tokens: VisualTokens, scores: Tensor, k: Tensor | int,
              order: Literal["original", "score"] = "original", *, stable: bool = True) -> VisualTokens:
     """Keep the ``k[b]`` highest-scoring tokens of each image.

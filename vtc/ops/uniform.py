@@ -130,6 +130,8 @@ class Uniform(Selector):
             tokens.check_layout()
         target = _positions(("lattice", h, w, k), lambda: _host_lattice(h, w, k), dev)
         B = tokens.batch_size
+        if tokens.raster:
+            return tokens.gather(target.expand(B, k))
         # the tokens are a permutation of the grid: find where each lattice cell sits, keep current order
         pos_of = torch.zeros(B, N, dtype=torch.long, device=dev).scatter_(
             1, tokens.index, torch.arange(N, device=dev).expand(B, N))
