@@ -519,7 +519,8 @@ class VisualTokens:
         valid = torch.arange(K, device=self.device).unsqueeze(0) < n.unsqueeze(1)
         return self.gather(order, valid)
 
-    def merge(self, assign: Tensor, rep: Tensor, slot_valid: Tensor | None = None) -> VisualTokens:
+    def merge(self, assign: Tensor, rep: Tensor, slot_valid: Tensor | None = None, *,
+              complete: bool = False) -> VisualTokens:
         """Merge tokens into slots.
 
         ``assign`` ``[B, N]``: the output slot of each token (``-1`` drops it; padding is ignored).
@@ -527,38 +528,48 @@ class VisualTokens:
         ``index`` and ``group`` the merged token takes. ``slot_valid`` ``[B, M]`` marks real slots
         (left-packed; default all). Features and signals are combined with size weights (signals
         follow :data:`SIGNAL_MERGE_RULES`), and ``size`` becomes the sum of member sizes.
+        ``complete``: the caller guarantees that there is no padding, every ``assign`` is a slot
+        ``>= 0`` and every slot gets a member (fewer ops: no dropped-token bookkeeping).
         """
         B, N = assign.shape
         M = rep.shape[1]
         dev = self.device
-        live = (assign >= 0) & self.valid
-        slot = torch.where(live, assign, torch.full_like(assign, M))  # M = trash slot
-        w = self.sizes * live.to(self.sizes.dtype)
+        if complete:
+            live, slot, S, w = None, assign, M, self.sizes
+        else:
+            live = (assign >= 0) & self.valid
+            slot, S = torch.where(live, assign, torch.full_like(assign, M)), M + 1  # M = trash slot
+            w = self.sizes * live.to(self.sizes.dtype)
+        new_size_all = torch.zeros(B, S, dtype=w.dtype, device=dev).scatter_add_(1, slot, w)
+        den_cache: dict[torch.dtype, Tensor] = {}
+
+        def den(acc: torch.dtype) -> Tensor:  # the slots' total size, shared by every "mean" field
+            if acc not in den_cache:
+                d = new_size_all.to(acc)
+                den_cache[acc] = d if complete else d.clamp_min(torch.finfo(acc).tiny)
+            return den_cache[acc]
 
         def reduce(t: Tensor, rule: str) -> Tensor:
             tail = t.shape[2:]
             ones = [1] * len(tail)
             idx = slot.view(B, N, *ones).expand(B, N, *tail)
             if rule == "sum":  # attention-like mass: the members' values add up
-                out = torch.zeros(B, M + 1, *tail, dtype=t.dtype, device=dev)
-                out.scatter_add_(1, idx, t * live.view(B, N, *ones).to(t.dtype))
-                return out[:, :M]
+                src = t if live is None else t * live.view(B, N, *ones).to(t.dtype)
+                return torch.zeros(B, S, *tail, dtype=t.dtype, device=dev).scatter_add_(1, idx, src)[:, :M]
             if rule == "mean":  # size-weighted mean, accumulated in at least float32
                 acc = torch.promote_types(t.dtype, w.dtype)
-                ww = w.view(B, N, *ones).to(acc)
-                num = torch.zeros(B, M + 1, *tail, dtype=acc, device=dev).scatter_add_(1, idx, t.to(acc) * ww)
-                den = torch.zeros(B, M + 1, *ones, dtype=acc, device=dev)
-                den.scatter_add_(1, slot.view(B, N, *ones), ww)
-                return (num / den.clamp_min(torch.finfo(acc).tiny))[:, :M].to(t.dtype)
+                num = torch.zeros(B, S, *tail, dtype=acc, device=dev).scatter_add_(
+                    1, idx, t.to(acc) * w.view(B, N, *ones).to(acc))
+                return (num / den(acc).view(B, S, *ones))[:, :M].to(t.dtype)
             src = t if t.is_floating_point() else t.to(torch.float64)
             fill = float("inf") if rule == "min" else float("-inf")
-            out = torch.full((B, M + 1, *tail), fill, dtype=src.dtype, device=dev)
+            out = torch.full((B, S, *tail), fill, dtype=src.dtype, device=dev)
             out.scatter_reduce_(1, idx, src, reduce="amin" if rule == "min" else "amax", include_self=True)
             return out[:, :M].to(t.dtype)
 
-        new_size = torch.zeros(B, M + 1, dtype=w.dtype, device=dev).scatter_add_(1, slot, w)[:, :M]
         rows = torch.arange(B, device=dev).unsqueeze(1)
-        rep = rep.long().clamp(0, N - 1)
+        if not complete:
+            rep = rep.long().clamp(0, N - 1)
         signals = {}
         for name, per_layer in self.signals.items():
             rule = SIGNAL_MERGE_RULES.get(name, "mean")
@@ -569,7 +580,7 @@ class VisualTokens:
             x=reduce(self.x, "mean"),
             mask=slot_valid,
             index=self.index[rows, rep],
-            size=new_size,
+            size=new_size_all[:, :M],
             group=None if self.group is None else self.group[rows, rep],
             layout=self.layout,
             signals=signals,

@@ -79,7 +79,7 @@ def pool_complete_grid(tokens: VisualTokens, P: int, h: int, w: int, gh: int, gw
         return _avg_pool(tokens, P, h, w, gh, gw, rep_index)
     assign = slot_of[tokens.index]
     rep = rep_index.expand(B, -1) if tokens.raster else _positions_of(tokens.index)[:, rep_index]
-    return tokens.merge(assign, rep)
+    return tokens.merge(assign, rep, complete=True)
 
 
 def _positions_of(index: Tensor) -> Tensor:

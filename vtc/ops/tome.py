@@ -232,7 +232,7 @@ class ToMe(Selector):
         if isinstance(k, int) and tokens.group is None:  # complete rows: a host schedule, no sync
             for r in self._steps(tokens.num_tokens, k, protect, one_step):
                 metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
-                tokens = tokens.merge(*bipartite_fixed(metric, r, bool(protect), stable))
+                tokens = tokens.merge(*bipartite_fixed(metric, r, bool(protect), stable), complete=True)
             return self._finish(tokens, G if sort_back else 0, None)
         if isinstance(k, int):
             k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)

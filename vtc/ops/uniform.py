@@ -12,6 +12,7 @@ position ``floor((i + 1/2) * n / k)``. Output keeps the original order.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,9 +53,16 @@ def lattice_positions(h: Tensor, w: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
 
 @functools.lru_cache(maxsize=64)
 def _host_lattice(h: int, w: int, k: int) -> tuple[int, ...]:
-    """:func:`lattice_positions` for one grid, in raster order, as host ints (cached)."""
-    pos, _ = lattice_positions(torch.tensor([h]), torch.tensor([w]), torch.tensor([k]))
-    return tuple(sorted(pos[0].tolist()))
+    """:func:`lattice_positions` for one grid and ``k >= 1``, in raster order, in host integers."""
+    gh = min(max(math.ceil(math.sqrt(k * h / w)), 1), h)
+    gw = min(-(-k // gh), w)
+    gh = min(max(gh, -(-k // gw)), h)
+    L = gh * gw
+    out = []
+    for m in range(k):
+        i, j = divmod((2 * m + 1) * L // (2 * k), gw)
+        out.append(((2 * i + 1) * h // (2 * gh)) * w + (2 * j + 1) * w // (2 * gw))
+    return tuple(sorted(out))
 
 
 _DEVICE_POS: dict[tuple, Tensor] = {}
