@@ -11,6 +11,14 @@ left of each row and ``mask`` marks them (``None`` means every token is valid). 
 (:meth:`VisualTokens.gather`, :meth:`~VisualTokens.keep_mask`, :meth:`~VisualTokens.merge`,
 :meth:`~VisualTokens.split_groups`, ...) keep every field and every signal aligned, so operators
 never index fields by hand.
+
+Checks cost device time (a host sync each on a GPU), so they happen where tokens enter:
+constructing ``VisualTokens`` checks shapes and dtypes (and packs a mask), :meth:`VisualTokens.validate`
+checks the data (finite features and signals, positive sizes) with one min/max pass and one sync,
+and a pipeline or an operator called on its own runs it once, then its operators inside
+:func:`inputs_checked`, where the helpers skip their own data checks. Operators and integrations
+build their outputs with :meth:`VisualTokens.unchecked`. ``size`` is kept in float32 (float64 for
+float64 features) whatever the features' dtype.
 """
 
 from __future__ import annotations

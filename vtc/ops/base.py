@@ -10,6 +10,11 @@ keeping or merging). It turns ``keep=``/``ratio=`` into a per-image ``k``, and w
 has set per-partition ``budget``\\ s it runs once per (image, partition) row with that row's
 budget. :class:`Allocator` is the base of operators that decide per-partition budgets (HiRED,
 GlobalCom2); in a pipeline, an allocator followed by a selector only allocates.
+
+An operator called on its own validates its input once (``Operator.__call__``; inside a Pipeline
+the pipeline does it) and runs without further data checks; when every image holds all its tokens
+a selector's budget is a host ``int``, so operators whose output count is fixed run without a host
+sync (``tests/ops/test_dispatch_counts.py``).
 """
 
 from __future__ import annotations

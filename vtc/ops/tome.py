@@ -106,6 +106,8 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
     best, best_dst = scores.max(-1)
     r = torch.minimum(r, torch.isfinite(best).sum(1))
     order = torch.sort(best, dim=1, descending=True, stable=stable).indices  # [B, Na] A indices
+    # padding A tokens last (an unstable sort may mix them with real ones whose best is -inf)
+    order = order.gather(1, torch.sort((~a_valid).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
     inv = torch.empty_like(order).scatter_(1, order, torch.arange(Na, device=dev).expand(B, Na))
     nA = a_valid.sum(1)
     r_ = r.unsqueeze(1)
