@@ -6,14 +6,19 @@ dicts, a path to a YAML file holding any of these (or ``{"pipeline": ...}``), or
 forms give the same :class:`Pipeline`, whose :meth:`~Pipeline.spec` round-trips and whose
 :attr:`~Pipeline.hash` is stable across processes.
 
-Stages run in order: every ``vision`` operator comes before every ``llm`` operator. An allocator
-followed by a selector only allocates; the selector then fills the per-partition budgets (the
-integration carries ``budget`` and ``group`` across the projector when they sit in different
-stages).
+Stages run in order: every ``vision`` operator comes before every ``llm`` operator, and every
+``llm_layer`` operator (inside the language model) comes last. An allocator followed by a selector
+only allocates; the selector then fills the per-partition budgets (the integration carries
+``budget`` and ``group`` across the projector when they sit in different stages).
+
+Calling a pipeline on :class:`VisualTokens` runs its ``vision`` and ``llm`` operators (the part
+before the language model); its ``llm_layer`` operators run inside the decoder, where the
+integration calls them with a :class:`~vtc.ops.llm_layer.LayerContext` at the layers
+:meth:`Pipeline.layer_schedule` lists.
 
 Validation happens once, where tokens enter: :meth:`Pipeline.forward` (and
-:meth:`Pipeline.check_input`) checks the features, the signals the operators need, ``size`` and
-the layout with one cheap pass and one host sync, then runs every operator without re-checking.
+:meth:`Pipeline.check_input`) checks the features, the signals the operators need and ``size``
+with one cheap pass and one host sync, then runs every operator without re-checking.
 ``Pipeline(..., validate=False)`` (or ``validate=False`` per call) skips even that, and the
 operators' own structural checks: for callers that already passed the same kind of input through
 once (``vtc.apply`` after its first call). An integration that interleaves its own steps (the
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 from vtc.errors import ConfigError, InputError
 from vtc.ops.base import STAGES, Operator
 from vtc.registry import create, get_op
+from vtc.taps.layers import sorted_layers
 from vtc.tokens import VisualTokens, inputs_checked
 
 __all__ = ["Pipeline", "build", "parse_spec"]
@@ -57,16 +63,19 @@ class Pipeline(nn.Module):
         self._check()
 
     def _check(self) -> None:
-        stages = [op.stage for op in self.ops]
-        seen_llm = None
-        for op, st in zip(self.ops, stages):
-            if st == "llm":
-                seen_llm = op
-            elif seen_llm is not None:
+        latest = None  # the operator of the latest stage so far
+        for op in self.ops:
+            st = op.stage
+            if latest is not None and STAGES.index(st) < STAGES.index(latest.stage):
+                if st == "vision":
+                    hint = "order vision-stage operators first (or set stage=llm on it)"
+                else:
+                    hint = "operators inside the language model (stage 'llm_layer') come after every other operator"
                 raise ConfigError(
-                    f"operator {op.name!r} runs at stage 'vision' after {seen_llm.name!r} at stage 'llm'; "
-                    "order vision-stage operators first (or set stage=llm on it)"
+                    f"operator {op.name!r} runs at stage {st!r} after {latest.name!r} at stage {latest.stage!r}; {hint}"
                 )
+            if latest is None or STAGES.index(st) > STAGES.index(latest.stage):
+                latest = op
         for i, op in enumerate(self.ops):
             fills = i > 0 and self.ops[i - 1].allocates and op.selects
             own = getattr(op, "own_budget_args", lambda: [])()
@@ -84,6 +93,11 @@ class Pipeline(nn.Module):
     def _stage_arg(self, stage: str | None) -> None:
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(map(repr, STAGES))} (or None for all), got {stage!r}")
+        if stage == "llm_layer":
+            raise ConfigError(
+                "llm_layer operators run inside the language model on a LayerContext, not on VisualTokens; "
+                "use pipeline.layer_schedule(num_layers) to find which run after each decoder layer"
+            )
 
     def check_input(self, tokens: Any, stage: str | None = None) -> None:
         """Validate ``tokens`` entering this pipeline (or its operators of ``stage``): features, the
@@ -98,7 +112,7 @@ class Pipeline(nn.Module):
             )
         requires: dict[str, set[int]] = {}
         for op in self.ops:
-            if stage is None or op.stage == stage:
+            if (stage is None or op.stage == stage) and op.stage != "llm_layer":
                 for sig, layers in op.requires.items():
                     requires.setdefault(sig, set()).update(layers)
         tokens.validate(f"pipeline '{self}'", {k: sorted(v, key=str) for k, v in requires.items()})
@@ -114,21 +128,36 @@ class Pipeline(nn.Module):
             return op.allocate(tokens) if self.hands_off(i) else op(tokens)
 
     def forward(self, tokens: VisualTokens, stage: str | None = None, *, validate: bool | None = None) -> VisualTokens:
-        """Run every operator (or only those of ``stage``) in order; validate the input first unless
-        ``validate`` (default: :attr:`validate`) is false."""
+        """Run every operator before the language model (or only those of ``stage``) in order;
+        validate the input first unless ``validate`` (default: :attr:`validate`) is false.
+
+        ``llm_layer`` operators are skipped: they run inside the decoder (:meth:`layer_schedule`).
+        """
         validate = self.validate if validate is None else validate
         if validate:
             self.check_input(tokens, stage)
         else:
             self._stage_arg(stage)
         for i, op in enumerate(self.ops):
-            if stage is not None and op.stage != stage:
+            if (stage is not None and op.stage != stage) or op.stage == "llm_layer":
                 continue
             tokens = self.run_op(i, tokens, fast=not validate)
         return tokens
 
     def stage_ops(self, stage: str) -> list[Operator]:
         return [op for op in self.ops if op.stage == stage]
+
+    def layer_schedule(self, num_layers: int) -> dict[int, list[Operator]]:
+        """``{decoder layer: [llm_layer operators that run after it, in pipeline order]}``.
+
+        Layer numbers are resolved against ``num_layers`` (negative ones count from the end) and
+        listed in increasing order; layers without an operator are absent.
+        """
+        out: dict[int, list[Operator]] = {}
+        for op in self.stage_ops("llm_layer"):
+            for layer in op.resolve_layers(num_layers):
+                out.setdefault(layer, []).append(op)
+        return dict(sorted(out.items()))
 
     def has_stage(self, stage: str) -> bool:
         return any(op.stage == stage for op in self.ops)
@@ -140,7 +169,7 @@ class Pipeline(nn.Module):
         for op in self.ops:
             for sig, layers in op.requires.items():
                 out.setdefault(sig, set()).update(layers)
-        return {k: sorted(v) for k, v in out.items()}
+        return {k: sorted_layers(v) for k, v in out.items()}
 
     def __len__(self) -> int:
         return len(self.ops)

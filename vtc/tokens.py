@@ -77,7 +77,7 @@ def size_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 #: How a signal is combined when tokens are merged. Attention mass is additive (a merged token
 #: receives the attention of all its members); everything else is a size-weighted mean.
-SIGNAL_MERGE_RULES: dict[str, str] = {"cls_attn": "sum"}
+SIGNAL_MERGE_RULES: dict[str, str] = {"cls_attn": "sum", "attn_received": "sum"}
 _MERGE_RULES = ("sum", "mean", "min", "max")
 
 
@@ -178,6 +178,9 @@ class VisualTokens:
     layout: Layout | tuple[Layout, ...] | None = None
     signals: dict[str, dict[int, Tensor]] = field(default_factory=dict)
     budget: Tensor | None = None
+    #: the tower's layers (a :class:`vtc.taps.LayerSpace`), set by the tap: lets :meth:`signal` take
+    #: negative layers and ``"feature"`` / ``"last"``
+    layer_space: Any = None
 
     # ------------------------------------------------------------------ construction / checks
     def __post_init__(self) -> None:
@@ -244,7 +247,8 @@ class VisualTokens:
     @classmethod
     def unchecked(cls, x: Tensor, mask: Tensor | None = None, index: Tensor | None = None,
                   size: Tensor | None = None, group: Tensor | None = None, layout: Any = None,
-                  signals: dict[str, dict[int, Tensor]] | None = None, budget: Tensor | None = None) -> VisualTokens:
+                  signals: dict[str, dict[int, Tensor]] | None = None, budget: Tensor | None = None,
+                  layer_space: Any = None) -> VisualTokens:
         """Build without any check (no host sync, almost no host time): for operators and integrations
         whose fields are already well-formed (``[B, N, D]`` features, left-packed bool mask, long
         ``index``/``group``, ``size`` in :func:`size_dtype`, a ``Layout`` or tuple of one per image,
@@ -258,6 +262,7 @@ class VisualTokens:
         obj.layout = layout
         obj.signals = {} if signals is None else signals
         obj.budget = budget
+        obj.layer_space = layer_space
         return obj
 
     @staticmethod
@@ -301,10 +306,23 @@ class VisualTokens:
         if flags and not bool(torch.stack(flags).all()):
             self._diagnose(where, signals)
 
-    def _checked_signals(self, signals: Mapping[str, Sequence[int]] | None) -> list[tuple[str, int, Tensor]]:
+    def _checked_signals(self, signals: Mapping[str, Sequence[Any]] | None) -> list[tuple[str, int, Tensor]]:
+        """``(name, layer, tensor)`` of the recorded signals named in ``signals`` (layers as operators
+        give them: resolved with :attr:`layer_space`; those not recorded are left to :meth:`signal`)."""
         out = []
         for name, per_layer in self.signals.items():
-            layers = per_layer if signals is None else [l for l in signals.get(name, ()) if l in per_layer]
+            if signals is None:
+                layers = list(per_layer)
+            else:
+                layers = []
+                for l in signals.get(name, ()):
+                    if l not in per_layer and self.layer_space is not None:
+                        try:
+                            l = self.layer_space.resolve(l, where="validation")
+                        except Exception:  # noqa: BLE001 - an unknown layer is reported by signal()
+                            continue
+                    if l in per_layer and l not in layers:
+                        layers.append(l)
             out.extend((name, l, per_layer[l]) for l in layers)
         return out
 
@@ -425,19 +443,35 @@ class VisualTokens:
             return list(self.layout)
         return [self.layout] * self.batch_size
 
-    def signal(self, name: str, layer: int, op: str = "operator") -> Tensor:
-        """The recorded signal ``name`` at ``layer``, or a :class:`SignalError` saying how to get it."""
+    def signal(self, name: str, layer: int | str, op: str = "operator") -> Tensor:
+        """The recorded signal ``name`` at ``layer``, or a :class:`SignalError` saying how to get it.
+
+        ``layer`` is a layer number as recorded, or a negative number, ``"feature"`` or ``"last"``,
+        resolved with :attr:`layer_space` (the tower's, set by the tap that recorded the signals).
+        """
         from vtc.errors import SignalError
 
-        per_layer = self.signals.get(name)
-        if per_layer is None or layer not in per_layer:
+        per_layer = self.signals.get(name) or {}
+        key = layer
+        if layer not in per_layer:
+            if self.layer_space is not None:
+                key = self.layer_space.resolve(layer, where=f"{op}'s {name!r} layers", error=SignalError)
+            elif isinstance(layer, str) or (isinstance(layer, int) and layer < 0):
+                raise SignalError(
+                    f"{op} asks for signal {name!r} at vision layer {layer!r}, which is relative to the tower's "
+                    "depth, but these tokens carry no layer_space. Build them with vtc.taps.to_tokens(features, tap), "
+                    "or pass VisualTokens(..., layer_space=tap.layer_space) (or vtc.taps.LayerSpace(num_layers, "
+                    "feature_layer))."
+                )
+        if key not in per_layer:
             have = {k: sorted(v) for k, v in self.signals.items()} or "none"
+            at = repr(layer) if key == layer else f"{layer!r} (= layer {key})"
             raise SignalError(
-                f"{op} needs signal {name!r} at vision layer {layer} but it was not recorded (recorded: {have}). "
-                f"Attach a tap that records it (vtc.taps.attach(tower, {{{name!r}: [{layer}]}})), "
-                f"let vtc.apply do it, or pass it in VisualTokens.signals[{name!r}][{layer}]."
+                f"{op} needs signal {name!r} at vision layer {at} but it was not recorded (recorded: {have}). "
+                f"Attach a tap that records it (vtc.taps.attach(tower, {{{name!r}: [{layer!r}]}})), "
+                f"let vtc.apply do it, or pass it in VisualTokens.signals[{name!r}][{key!r}]."
             )
-        return per_layer[layer]
+        return per_layer[key]
 
     def replace(self, **changes: Any) -> VisualTokens:
         """A copy with ``changes``; only the changed fields are checked (inside :func:`inputs_checked`:
@@ -477,6 +511,7 @@ class VisualTokens:
             mask=(None if self.mask is None else fn(self.mask)) if mask is ... else mask,
             layout=self.layout,
             budget=self.budget if budget_fn is None or self.budget is None else budget_fn(self.budget),
+            layer_space=self.layer_space,
         )
         out.update(overrides)
         return VisualTokens.unchecked(**out)
@@ -593,6 +628,7 @@ class VisualTokens:
             layout=self.layout,
             signals=signals,
             budget=self.budget,
+            layer_space=self.layer_space,
         )
         if slot_valid is not None:
             out = out._zero_padding()
@@ -702,7 +738,7 @@ class VisualTokens:
         if fields.get("signals"):
             kw["signals"] = {k: {l: pad(ts) for l, ts in v.items()} for k, v in fields["signals"].items()}
         return cls(x=pad(xs), mask=None if bool(mask.all()) else mask, layout=fields.get("layout"),
-                   budget=fields.get("budget"), **kw)
+                   budget=fields.get("budget"), layer_space=fields.get("layer_space"), **kw)
 
     # ------------------------------------------------------------------ grid geometry
     def uniform_grid(self) -> tuple[int, int, int] | None:

@@ -2,8 +2,10 @@
 
 An operator is a ``torch.nn.Module`` with a typed ``Config`` dataclass, a default ``stage``
 (``"vision"``: on the tower's patch tokens before the projector; ``"llm"``: on the projector's
-outputs), the signals it ``requires``, and ``forward(VisualTokens) -> VisualTokens``. Operators
-only decide which tokens survive (or how they merge); they never see input ids or masks.
+outputs; ``"llm_layer"``: inside the language model, after chosen decoder layers, see
+:mod:`vtc.ops.llm_layer`), the signals it ``requires``, and ``forward(VisualTokens) -> VisualTokens``
+(``llm_layer`` operators: ``forward(LayerContext) -> keep mask``). Operators only decide which
+tokens survive (or how they merge); they never see input ids or masks.
 
 :class:`Selector` is the base of every operator that reduces each image to ``k`` tokens (by
 keeping or merging). It turns ``keep=``/``ratio=`` into a per-image ``k``, and when an allocator
@@ -31,8 +33,10 @@ from vtc.tokens import VisualTokens, checking, inputs_checked
 
 _MAX_KEEP = torch.iinfo(torch.long).max
 
-Stage = Literal["vision", "llm"]
-STAGES: tuple[str, ...] = ("vision", "llm")
+Stage = Literal["vision", "llm", "llm_layer"]
+#: The stages in the order a pipeline runs them: the tower's tokens, the projector's outputs, the
+#: language model's decoder layers.
+STAGES: tuple[str, ...] = ("vision", "llm", "llm_layer")
 
 
 @dataclass
@@ -123,6 +127,14 @@ class Operator(nn.Module):
             raise ConfigError(f"{self.name}: pass a Config or keyword arguments, not both")
         elif not isinstance(config, self.Config):
             raise ConfigError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        in_llm = self.default_stage == "llm_layer"
+        if config.stage is not None and (config.stage == "llm_layer") != in_llm:
+            raise ConfigError(
+                f"operator {self.name!r} cannot run at stage {config.stage!r}: "
+                + ("it runs inside the language model (stage 'llm_layer')" if in_llm else
+                   "stage 'llm_layer' is for operators that read the decoder's attention (fastv, pdrop, aim, "
+                   "sparsevlm); use 'vision' or 'llm'")
+            )
         self.config = config
 
     @property
@@ -144,7 +156,7 @@ class Operator(nn.Module):
     def __call__(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
         """Run the operator. Called on its own (not inside a Pipeline, which validates once for all
         its operators), it first validates ``tokens`` (:meth:`VisualTokens.validate`: features,
-        required signals, sizes, layout); an empty batch is returned as it is."""
+        required signals, sizes); an empty batch is returned as it is."""
         if isinstance(tokens, Tensor):
             raise InputError(
                 f"operator {self.name!r} takes vtc.VisualTokens, got a bare tensor of shape {tuple(tokens.shape)}; "
@@ -173,15 +185,16 @@ class Selector(Operator):
     """An operator that reduces each image, or each partition under a budget, to ``k`` tokens.
 
     Subclasses implement :meth:`select`; this class resolves ``k``, skips images that already
-    fit, and runs per-partition rows when a budget is present. When every image holds all its
-    ``N`` tokens (no mask) and no budget is set, ``k`` is a host ``int`` and ``select`` is called
-    only if ``k < N``: operators then return exactly ``k`` tokens per image without a host sync.
+    fit, and runs per-partition rows when a budget is present. For a subclass with
+    :attr:`int_budget`, when every image holds all its ``N`` tokens (no mask) and no budget is set,
+    ``k`` is a host ``int`` and ``select`` is called only if ``k < N``: it then returns exactly ``k``
+    tokens per image without a host sync.
     """
 
     Config: ClassVar[type] = SelectConfig
     selects: ClassVar[bool] = True
-    #: whether :meth:`select` accepts an ``int`` budget (see the class docstring); a subclass that
-    #: only handles ``[B]`` tensors leaves this False and gets a tensor
+    #: whether :meth:`select` (and :meth:`resolve_keep`) accept an ``int`` budget (see the class
+    #: docstring); a subclass that only handles ``[B]`` tensors leaves this False
     int_budget: ClassVar[bool] = False
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
@@ -191,13 +204,9 @@ class Selector(Operator):
             k = torch.minimum(rows.budget[:, 0], rows.counts)
             out = self._run(rows.replace(budget=None), k)
             return tokens.join_groups(out.replace(budget=None), G)
-        if tokens.mask is None:
+        if tokens.mask is None and self.int_budget:
             k = self.resolve_keep(tokens.num_tokens)
-            if k >= tokens.num_tokens:
-                return tokens
-            if self.int_budget:
-                return self.select(tokens, k)
-            return self.select(tokens, torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device))
+            return tokens if k >= tokens.num_tokens else self.select(tokens, k)
         return self._run(tokens, self.resolve_keep(tokens.counts))
 
     def _run(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
@@ -281,4 +290,5 @@ def _take_rows(a: VisualTokens, b: VisualTokens, use_a: Tensor) -> VisualTokens:
         layout=b.layout,
         signals=signals,
         budget=b.budget,
+        layer_space=b.layer_space,
     )

@@ -126,6 +126,7 @@ def _avg_pool(tokens: VisualTokens, P: int, h: int, w: int, gh: int, gw: int, re
         layout=tokens.layout,
         signals=signals,
         budget=tokens.budget,
+        layer_space=tokens.layer_space,
     )
 
 

@@ -46,6 +46,7 @@ from torch import Tensor
 from vtc.errors import BudgetError, SignalError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.registry import register
+from vtc.taps.layers import Layer
 from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens
 
 _FIRST = "_tome_first_index"  # private signal: smallest original index inside each token
@@ -58,7 +59,7 @@ class ToMeConfig(SelectConfig):
 
     r: int | None = None
     metric: Literal["auto", "keys", "x"] = "auto"
-    layer: int | None = None
+    layer: Layer | None = None
     protect_cls: bool = False
     compat: Literal["official", "clean"] = "official"
     restore_order: bool = False
@@ -176,6 +177,31 @@ def bipartite_fixed(metric: Tensor, r: int, protect: bool, stable: bool) -> tupl
     return assign, rep
 
 
+def track_first(tokens: VisualTokens) -> tuple[VisualTokens, int]:
+    """``tokens`` with a private signal holding, through later merges, the first (smallest) original
+    ``(index, group)`` inside each token, packed in one exact float64 with the partition count ``G``
+    (returned); :func:`sort_by_first` reads it."""
+    G = tokens.num_groups
+    grp = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+    first = tokens.index.to(torch.float64) * G + grp.to(torch.float64)
+    return tokens.replace(signals={**tokens.signals, _FIRST: {0: first}}), G
+
+
+def sort_by_first(tokens: VisualTokens, G: int) -> VisualTokens:
+    """Merged tokens in raster order: sorted by the first original patch each contains, which becomes
+    its ``index`` (and its partition its ``group``); drops the signal :func:`track_first` added."""
+    first = tokens.signals[_FIRST][0]
+    if tokens.mask is not None:
+        first = first.masked_fill(~tokens.mask, float("inf"))
+    tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
+    first = tokens.signals[_FIRST][0]
+    if tokens.mask is not None:
+        first = first.masked_fill(~tokens.mask, 0)
+    first = first.long()
+    return tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
+                          signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+
+
 @register("tome")
 class ToMe(Selector):
     Config = ToMeConfig
@@ -217,11 +243,7 @@ class ToMe(Selector):
         sort_back = cfg.restore_order or cfg.compat == "clean"
         G = 1
         if sort_back:
-            # min over members of (index, group) packed in one exact float64: the first member and its partition
-            G = tokens.num_groups
-            grp = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
-            first = tokens.index.to(torch.float64) * G + grp.to(torch.float64)
-            tokens = tokens.replace(signals={**tokens.signals, _FIRST: {0: first}})
+            tokens, G = track_first(tokens)
         key_layer = None
         if cfg.metric != "x" and tokens.signals.get("keys"):
             key_layer = cfg.layer if cfg.layer is not None else (22 if cfg.metric == "keys" else max(tokens.signals["keys"]))
@@ -233,7 +255,7 @@ class ToMe(Selector):
         stable = cfg.compat == "clean"
         if isinstance(k, int) and tokens.group is None:  # complete rows: a host schedule, no sync
             for r in self._steps(tokens.num_tokens, k, protect, one_step):
-                metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
+                metric = tokens.x if key_layer is None else tokens.signal("keys", key_layer, op="operator 'tome'")
                 tokens = tokens.merge(*bipartite_fixed(metric, r, bool(protect), stable), complete=True)
             return self._finish(tokens, G if sort_back else 0, None)
         if isinstance(k, int):
@@ -253,7 +275,7 @@ class ToMe(Selector):
                         f"(asked for {int(target[n > target].min())}); raise keep or disable protect_cls"
                     )
                 break
-            metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
+            metric = tokens.x if key_layer is None else tokens.signal("keys", key_layer, op="operator 'tome'")
             assign, rep, slot_valid, _ = bipartite_step(metric, n, r, bool(protect), tokens.group, stable)
             tokens = tokens.merge(assign, rep, None if bool(slot_valid.all()) else slot_valid)
             if one_step:
@@ -264,17 +286,7 @@ class ToMe(Selector):
         """Sort back to raster order when ``G`` (the partition count of the packed first-index
         signal; 0: keep ToMe's order), and empty the images whose budget was 0."""
         if G:
-            first = tokens.signals[_FIRST][0]
-            if tokens.mask is not None:
-                first = first.masked_fill(~tokens.mask, float("inf"))
-            tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
-            # in raster order each merged token is identified by its first original patch (and its partition)
-            first = tokens.signals[_FIRST][0]
-            if tokens.mask is not None:
-                first = first.masked_fill(~tokens.mask, 0)
-            first = first.long()
-            tokens = tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
-                                    signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+            tokens = sort_by_first(tokens, G)
         if drop_all is not None and bool(drop_all.any()):
             tokens = tokens.keep_mask((~drop_all).unsqueeze(1).expand(tokens.x.shape[:2]))
         return tokens
