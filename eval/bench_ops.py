@@ -145,7 +145,7 @@ def make_signals(requires: dict, B: int, N: int, g: torch.Generator) -> dict:
     for name, layers in requires.items():
         per = {}
         for layer in layers:
-            if name == "cls_attn":
+            if name in ("cls_attn", "attn_received"):
                 per[layer] = torch.randn(B, N, generator=g).softmax(-1)
             elif name == "keys":
                 per[layer] = torch.randn(B, N, 64, generator=g)
@@ -182,15 +182,25 @@ def build_op(vtc, name: str, keep: int, dim: int):
         return vtc.create(name, keep=keep, weights=None, dim=dim, out_dim=4096, heads=16, queries=256)
     if name == "globalcom2":
         return vtc.create(name)
+    if name == "visionzip":  # its official mode needs the tower's CLS token among the tokens
+        return vtc.create(name, keep=keep, compat="clean")
     fields = {f.name for f in dataclasses.fields(get_op(name).Config)}
     return vtc.create(name, keep=keep) if "keep" in fields else vtc.create(name)
 
 
 def workloads(vtc, args):
     """``(label, op, tokens, reference or None)`` for every operator and the LLaVA-NeXT rows."""
+    from vtc.registry import get_op
+
     out = []
     for name in (args.ops or vtc.list_ops()):
-        op = build_op(vtc, name, args.keep, args.dim)
+        if getattr(get_op(name), "default_stage", None) == "llm_layer":
+            continue  # runs inside the language model on a LayerContext, not on VisualTokens
+        try:
+            op = build_op(vtc, name, args.keep, args.dim)
+        except Exception as e:  # noqa: BLE001 - e.g. an operator that needs model sizes to build
+            out.append((name, e, None, None))
+            continue
         out.append((name, op, llava_tokens(vtc, op.requires, args.batch, args.side, args.dim), REFS.get(name)))
     for name, spec in (("hired", "hired"), ("globalcom2", "globalcom2")):
         if args.ops and name not in args.ops:
@@ -227,6 +237,9 @@ def worker(args) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for label, op, tokens, ref in workloads(vtc, args):
+            if isinstance(op, Exception):
+                rows.append({"operator": label, "error": f"{type(op).__name__}: {op}"})
+                continue
             row = {"operator": label, "config": str(vtc.build(op))}
             try:
                 pipe = vtc.build(op)
