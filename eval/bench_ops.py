@@ -115,7 +115,7 @@ def ref_tome(x, sig, k):
         unm, src_i = edge[:, r:], edge[:, :r]
         dst_i = node_idx[..., None].gather(1, src_i)
 
-        def merge(t):
+        def merge(t, unm=unm, src_i=src_i, dst_i=dst_i):
             c = t.shape[-1]
             src, dst = t[:, ::2], t[:, 1::2]
             kept = src.gather(1, unm.expand(-1, -1, c))
@@ -243,8 +243,12 @@ def worker(args) -> list[dict]:
             row = {"operator": label, "config": str(vtc.build(op))}
             try:
                 pipe = vtc.build(op)
-                direct = lambda: op(tokens)  # noqa: E731
-                fast = (lambda: pipe.run_op(0, tokens, fast=True)) if has_fast else direct
+                def direct(op=op, tokens=tokens):
+                    return op(tokens)
+
+                def fast(pipe=pipe, op=op, tokens=tokens):
+                    return pipe.run_op(0, tokens, fast=True) if has_fast else op(tokens)
+
                 out = direct()
                 fast()
                 row["tokens_out"] = sorted(set(out.counts.tolist()))
@@ -256,7 +260,7 @@ def worker(args) -> list[dict]:
                     _, c = count_ops(pipe.check_input, tokens)
                     row["entry"] = {"ops": c.ops, "syncs": c.syncs}
                 x, sig = tokens.x, tokens.signals
-                refcall = (lambda: ref(x, sig, args.keep)) if ref is not None else None
+                refcall = (lambda ref=ref, x=x, sig=sig: ref(x, sig, args.keep)) if ref is not None else None
                 row["fast"]["ms"], row["ref_ms"] = cpu_ms(fast, args.warmup, args.repeats, refcall)
                 row["direct"]["ms"], _ = cpu_ms(direct, 1, max(3, args.repeats // 2))
             except Exception as e:  # one operator's failure must not hide the others' numbers

@@ -128,7 +128,7 @@ def test_half_precision_sums_the_layers_with_one_rounding(dtype):
     model's dtype; adding layer by layer rounds after every layer and keeps other boundary tokens."""
     g = torch.Generator().manual_seed(5)
     differs = 0
-    for seed in range(6):
+    for _ in range(6):
         B, N, k = 2, 576, 64
         attn = {l: torch.rand(B, N, generator=g).softmax(-1).to(dtype) for l in LAYERS}
         t = VisualTokens(x=torch.randn(B, N, 4, generator=g).to(dtype), signals={"cls_attn": attn})

@@ -194,7 +194,10 @@ def dense_parts(tokens: VisualTokens, op: str) -> DenseParts:
     # per-image geometry as [B, 1] columns; crop cells of every image at once (no loop over images)
     geo = torch.tensor([[g.nh, g.nw, *g.rows, *g.cols] for g in grids], dtype=torch.long, device=dev)
     nh, nw, r0, r1, c0, c1 = geo.unbind(1)
-    col = (lambda v: v.view(B, 1))
+
+    def col(v: Tensor) -> Tensor:
+        return v.view(B, 1)
+
     c = torch.arange(P - 1, device=dev).view(1, P - 1, 1)
     t = torch.arange(HW, device=dev).view(1, 1, HW)
     nw3 = nw.view(B, 1, 1)
