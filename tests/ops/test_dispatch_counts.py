@@ -138,3 +138,27 @@ def test_divprune_compiled_loop_gives_the_eager_picks():
     finally:
         divprune.set_compile("auto")
     assert torch.equal(eager.index, compiled.index)
+
+
+def test_divprune_keeps_one_n_by_n_buffer():
+    """The distance matrix is the only [B, N, N] allocation: masks, the first pick and the greedy
+    loop all work in place or on [B, N] rows (no copy for a masked fill, no transposed top-k)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, N = 2, 96
+    big = set()
+
+    class Allocs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= B * N * N:
+                    big.add(t.untyped_storage().data_ptr())
+            return out
+
+    x = torch.randn(B, N, 8)
+    for t in (VisualTokens(x=x), VisualTokens(x=x, mask=torch.arange(N).expand(B, N) < torch.tensor([[N], [N - 9]]))):
+        big.clear()
+        with Allocs():
+            vtc.build("divprune:keep=20")(t, validate=False)
+        assert len(big) == 1

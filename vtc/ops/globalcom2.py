@@ -17,11 +17,14 @@ the LAST CLIP layer (``layer=23``, not LLaVA's feature layer 22). Per image, wit
    rectangle; keep the top ``int(N_r * scale_r)``;
 4. output: thumbnail tokens, then the crops' kept tokens in the raster order of the assembled grid.
 
-Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer=23``. Scores, scales and
-the upsampling are computed in float64 (the official code runs in the model's fp16, so
-``int(N_r*scale_r)`` can differ by one where a product lands on an integer). Ties rank the lower
-position first. Stage ``vision`` (the official code selects after the projector; scores do not
-depend on the features, so the choice is the same).
+Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer=23``. The crop scores,
+scales and the upsampling are computed in float64 (the official code runs in the model's fp16, so
+in half precision a crop's boundary tokens and ``int(N_r*scale_r)`` can differ by one where a
+product lands on an integer); ties there rank the lower position first. The thumbnail is ranked
+in ``compat="official"`` exactly as the official code ranks it: ``torch.argsort(s, descending=True)``
+on the logits in their own dtype, so fp16/bf16 ties break as in the official run on the same device
+(``compat="clean"``: ties to the lower position). Stage ``vision`` (the official code selects after
+the projector; scores do not depend on the features, so the choice is the same).
 
 ``compat="official"`` (default) reproduces the official code:
 
