@@ -32,23 +32,30 @@ DEFAULT_WORDS = (
 ).split()
 
 
-@dataclass
-class TinySpec:
-    """Sizes of a tiny random LLaVA (defaults: 24x24 patch grid, 2-layer tower, 2-layer Llama)."""
+@dataclass(kw_only=True)
+class _Sizes:
+    """The sizes every tiny random model shares: patches, tower width/depth, decoder, seed."""
 
-    image_size: int = 96
     patch_size: int = 4
     vision_hidden: int = 32
-    vision_layers: int = 4
+    vision_layers: int = 2
     vision_heads: int = 4
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
     text_kv_heads: int = 2
     text_intermediate: int = 128
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class TinySpec(_Sizes):
+    """Sizes of a tiny random LLaVA (defaults: 24x24 patch grid, 4-layer tower, 2-layer Llama)."""
+
+    image_size: int = 96
+    vision_layers: int = 4
     tower: str = "clip"  # "clip" or "siglip"
     feature_layer: int = -2
-    seed: int = 0
 
 
 def word_tokenizer(words: tuple[str, ...] | list[str] = DEFAULT_WORDS, image_token: str = "<image>",
@@ -94,15 +101,25 @@ def _vision_config(spec: TinySpec):
     )
 
 
-def _text_config(spec: TinySpec, vocab_size: int, tokenizer: Any):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def _text_sizes(spec: _Sizes, vocab_size: int, tokenizer: Any) -> dict[str, Any]:
+    """The decoder's config arguments every family shares (widths, depth, GQA, special token ids)."""
+    return dict(
         vocab_size=vocab_size, hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def _text_config(spec: TinySpec, vocab_size: int, tokenizer: Any):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_text_sizes(spec, vocab_size, tokenizer))
+
+
+def _generation_ids(model: Any, tokenizer: Any) -> None:
+    gen = model.generation_config
+    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
 
 
 def _image_processor(spec: TinySpec, next_: bool):
@@ -120,8 +137,7 @@ def _image_processor(spec: TinySpec, next_: bool):
 
 def _finish(model, tokenizer, spec: TinySpec):
     model.config.image_token_id = model.config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    _generation_ids(model, tokenizer)
     return model.eval()
 
 
@@ -184,28 +200,19 @@ QWEN_CHAT = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] 
              "{% if add_generation_prompt %}assistant :{% endif %}")
 
 
-@dataclass
-class QwenSpec:
+@dataclass(kw_only=True)
+class QwenSpec(_Sizes):
     """Sizes of a tiny random Qwen VL model (defaults: 4-px patches, 2-layer tower, 2-layer decoder).
 
-    ``window``: Qwen2.5-VL's attention window in pixels (16: 4x4 patches) with layer 1 of the
-    tower attending globally; ``min_pixels`` / ``max_pixels``: the processor's resize bounds.
+    ``vision_intermediate``: the tower's MLP width (default ``2 * vision_hidden``); ``window``:
+    Qwen2.5-VL's attention window in pixels (16: 4x4 patches) with the tower's last layer attending
+    globally; ``min_pixels`` / ``max_pixels``: the processor's resize bounds.
     """
 
-    patch_size: int = 4
-    vision_hidden: int = 32
-    vision_intermediate: int | None = None  # default: 2 * vision_hidden
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 128
+    vision_intermediate: int | None = None
     window: int = 16
     min_pixels: int = 16 * 16
     max_pixels: int = 96 * 96
-    seed: int = 0
 
 
 def _qwen_processor(kind: str, spec: QwenSpec, tok: Any):
@@ -238,10 +245,7 @@ def _random_qwen(kind: str, spec: QwenSpec | None, tokenizer: Any, overrides: di
     head_dim = spec.text_hidden // spec.text_heads
     half = head_dim // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]  # temporal, height, width frequency pairs
-    text = dict(vocab_size=len(tok), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
-                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    text = dict(_text_sizes(spec, len(tok), tok),
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
     vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
                   spatial_merge_size=2, temporal_patch_size=2)
@@ -265,8 +269,8 @@ def _random_qwen(kind: str, spec: QwenSpec | None, tokenizer: Any, overrides: di
     cfg = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(spec.seed)
     model = model_cls(cfg)
+    _generation_ids(model, tok)
     gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     gen.suppress_tokens = sorted(ids.values())  # a random model must not write image placeholders
     return model.eval(), _qwen_processor(kind, spec, tok)
 
