@@ -1,7 +1,7 @@
 """Integrations: attach a vtc pipeline to a model without forking it.
 
 :func:`apply` finds the model's :class:`~vtc.integrations.adapters.ModelAdapter` from its class
-(LLaVA-1.5, LLaVA-NeXT; :mod:`vtc.integrations.adapters`),
+(LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL / Qwen3-VL; :mod:`vtc.integrations.adapters`),
 wraps the instance's ``forward`` (:mod:`vtc.integrations.wrapper`) and returns a :class:`Handle`
 whose ``remove()`` restores the model exactly. For a user's own LLaVA-style code,
 :class:`VisualCompressor` (:mod:`vtc.integrations.generic`) takes a vision tower, a projector and
@@ -24,7 +24,7 @@ def apply(model: Any, pipeline: Any, position_ids: str | None = None, **options:
 
     ``pipeline`` is a :class:`~vtc.pipeline.Pipeline` or anything :func:`vtc.build` accepts
     (``"divprune:keep=64"``). ``position_ids``: ``"contiguous"`` or ``"original"`` (default: the
-    family's). LLaVA-NeXT options: ``newline``
+    family's; Qwen VL's M-RoPE supports ``"original"`` only). LLaVA-NeXT options: ``newline``
     (``"auto"``, ``"rows"``, ``"unpadded_rows"``, ``"all_rows"``, ``"none"``), ``llm_view``
     (``"auto"``, ``"partitions"``, ``"assembled"``), ``unpad`` (bool) and ``padding``; see
     :mod:`vtc.integrations.options`. Works as a context manager: ``with vtc.apply(m, p): ...``.

@@ -3,8 +3,8 @@
 ``position_ids``: ``"contiguous"`` renumbers the compacted sequence with no gaps (as DivPrune's
 code does: HF recomputes positions over the shorter sequence); ``"original"`` keeps every surviving
 token's original position id, gaps included, and decoding continues from the original length (as
-FastV does). None (the default): the model family's default (``"contiguous"`` for LLaVA and
-LLaVA-NeXT).
+FastV does). None (the default): the model family's default, ``"contiguous"`` for LLaVA and
+LLaVA-NeXT, ``"original"`` for the M-RoPE models (Qwen VL), which support only that.
 
 LLaVA-NeXT only:
 
