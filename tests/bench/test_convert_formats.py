@@ -214,5 +214,13 @@ def test_converted_files_run_on_the_embedded_model(converted, tmp_path, monkeypa
         records = json.loads((out / s["submission"]).read_text())
         assert len(records) == s["answered"] and set(records[0]) == {key, "answer"}
     assert json.loads((out / summaries[("textvqa_test", "baseline")]["submission"]).read_text())[0]["question_id"] == 34602
+    # rows keep what the metrics read; each cell records its own peak memory
+    mm = summaries[("mmbench", "baseline")]
+    mm_rows = [json.loads(x) for x in (out / "rows" / f"{mm['id']}.jsonl").read_text().splitlines()]
+    assert {r["group"] for r in mm_rows} == {"1", "2"} and all(set(r["meta"]) == {"choices", "pass"} for r in mm_rows)
+    ocr_rows = (out / "rows" / f"{summaries[('ocrbench', 'baseline')]['id']}.jsonl").read_text()
+    assert '"meta":{"dataset":"HME100k"}' in ocr_rows
+    meta = json.loads((out / "cells" / f"{mm['id']}.json").read_text())
+    assert meta["memory"]["kind"].startswith("cpu_rss_growth") and mm["peak_mem_mib"] is not None
     md = (out / "report.md").read_text()
     assert "### tiny-llava / mmbench (mmbench)" in md and "submission files:" in md

@@ -83,6 +83,8 @@ class Metric:
     name: ClassVar[str] = "metric"
     #: the scorer whose numbers this metric reproduces (shown in reports)
     reference: ClassVar[str] = ""
+    #: what the headline ``score`` is (shown in reports)
+    headline_label: ClassVar[str] = "accuracy in percent"
     #: "mcnemar" when each unit scores 0 or 1 and the headline is their mean; else "bootstrap"
     paired_test: ClassVar[str] = "bootstrap"
     #: question fields (from the task file) the metric reads; the runner copies them into each row's ``meta``
@@ -197,6 +199,7 @@ def _qid(qid: Any) -> Any:
 @register_metric("vqa")
 class VQAv2Accuracy(Metric):
     reference = "VQAv2: EvalAI server / lmms-eval<=0.2.4 vqav2 (EvalAI processor, 10-choose-9 accuracy)"
+    headline_label = "VQA accuracy in percent"
 
     def score(self, prediction: str, answers: Sequence[str]) -> float:
         return vqav2_accuracy(prediction, answers)
@@ -268,6 +271,7 @@ def _gold_yes_no(answers: Sequence[str], metric: str) -> str:
 @register_metric("pope")
 class POPE(Metric):
     reference = "POPE: the official evaluate.py (first sentence; no/not/No -> no); F1, accuracy, precision, recall, yes-ratio"
+    headline_label = "F1 in percent, 'yes' positive"
 
     def score(self, prediction: str, answers: Sequence[str]) -> float:
         return float(pope_answer(prediction) == _gold_yes_no(answers, "pope"))
@@ -330,6 +334,7 @@ _MME_SUBTASKS = MME_PERCEPTION + MME_COGNITION
 @register_metric("mme")
 class MME(Metric):
     reference = "MME: lmms-eval mme (acc + acc+ per subtask; perception and cognition totals)"
+    headline_label = "perception total, acc + acc+ summed over subtasks (max 2000; cognition total without perception)"
 
     def score(self, prediction: str, answers: Sequence[str]) -> float:
         return float(mme_answer(prediction) == _gold_yes_no(answers, "mme"))
@@ -443,6 +448,7 @@ def mmbench_option(prediction: str, choices: Mapping[str, str] | None = None) ->
 @register_metric("mmbench")
 class MMBenchCircular(Metric):
     reference = "MMBench: CircularEval with VLMEvalKit's answer prefetch (lmms-eval mmbench, no GPT judge)"
+    headline_label = "CircularEval accuracy in percent (every pass right)"
     paired_test = "mcnemar"
     meta_keys = ("choices", "pass")
 

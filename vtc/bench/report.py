@@ -314,13 +314,13 @@ _MEMORY = {
 
 def _notes(summaries: Sequence[Mapping[str, Any]]) -> str:
     metrics = sorted({s.get("metric") or "vqa" for s in summaries})
-    refs = "; ".join(f"{m}: {get_metric(m).reference}" for m in metrics)
+    scorers = "; ".join(f"{m}: {get_metric(m).headline_label}, as {get_metric(m).reference}" for m in metrics)
     kinds = sorted({s.get("peak_mem_kind") for s in summaries if s.get("peak_mem_kind")})
     mem = " / ".join(_MEMORY.get(k, k) for k in kinds) or "not measured"
-    return (f"Scores in percent (pope: F1; mme: perception total) with a 95% bootstrap interval over questions. "
-            f"Δ vs ref: the difference from the table's reference (the uncompressed model) on the same questions, "
-            f"p: exact McNemar for right/wrong scores, else paired bootstrap; n.s.: not significant at p < {ALPHA} "
-            f"(no correction for the several comparisons; report.csv adds Benjamini-Hochberg p_bh). "
-            f"Scorers: {refs}. FLOPs: analytic, mean per question (vtc.bench.flops); FastV: T·(4nd²+2n²d+2ndm) of the "
-            f"LLM prefill. Latency: medians of the cell's profile. Peak MiB: {mem}. "
+    return (f"Scores with their 95% bootstrap interval over questions ({scorers}). "
+            f"Δ vs ref: the difference from the table's reference (the uncompressed model unless named) on the same "
+            f"questions; p: exact McNemar test for right/wrong scores, else paired bootstrap; n.s.: not significant at "
+            f"p < {ALPHA} (not corrected for the table's several comparisons; report.csv adds Benjamini-Hochberg p_bh). "
+            f"FLOPs: analytic, mean per question (vtc.bench.flops); FastV: T·(4nd²+2n²d+2ndm) of the LLM prefill. "
+            f"Latency: medians of the cell's profile. Peak MiB: {mem}. "
             f"applied=no: the pipeline could not be attached and the model ran uncompressed.\n")
