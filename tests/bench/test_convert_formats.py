@@ -224,3 +224,16 @@ def test_converted_files_run_on_the_embedded_model(converted, tmp_path, monkeypa
     assert meta["memory"]["kind"].startswith("cpu_rss_growth") and mm["peak_mem_mib"] is not None
     md = (out / "report.md").read_text()
     assert "### tiny-llava / mmbench (mmbench)" in md and "submission files:" in md
+
+
+def test_mmstar_parquet_release(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="reading the Hugging Face parquet release needs pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"index": [0, 1], "question": ["Q1?\nOptions: A: x, B: y", "Q2?\nOptions: A: x, B: y"],
+                      "image": [{"bytes": _image((1, 2, 3)), "path": None}, {"bytes": _image((4, 5, 6)), "path": None}],
+                      "answer": ["A", "B"], "category": ["math", "math"], "l2_category": ["geometry", "geometry"]})
+    pq.write_table(table, tmp_path / "mmstar.parquet")
+    assert convert("mmstar", tmp_path / "out" / "val.jsonl", questions=[str(tmp_path / "mmstar.parquet")]) == 2
+    recs = _lines(tmp_path / "out" / "val.jsonl")
+    assert [r["answers"] for r in recs] == [["A"], ["B"]] and (tmp_path / "out" / recs[1]["image"]).is_file()

@@ -130,7 +130,14 @@ def test_vtc_metrics_agree_with_lmms_eval_scorers():
     from lmms_eval.tasks.seedbench.utils import seed_aggregation_result, seed_process_result
     from lmms_eval.tasks.textvqa.utils import textvqa_process_results
 
-    from vtc.bench.metrics import gqa_exact_match, mme_answer, mmbench_option, ocrbench_correct, seed_correct, textvqa_accuracy
+    from vtc.bench.metrics import (
+        gqa_exact_match,
+        mmbench_option,
+        mme_answer,
+        ocrbench_correct,
+        seed_correct,
+        textvqa_accuracy,
+    )
     from vtc.bench.normalize import evalai_answer
 
     def cases(test):

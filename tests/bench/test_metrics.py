@@ -9,9 +9,20 @@ import math
 
 import pytest
 
-from vtc.bench.metrics import (agreement, get_metric, list_metrics, llava_option, mme_answer, mmbench_option,
-                               mmstar_correct, ocrbench_correct, pope_answer, seed_correct, textvqa_accuracy,
-                               vqav2_accuracy)
+from vtc.bench.metrics import (
+    agreement,
+    get_metric,
+    list_metrics,
+    llava_option,
+    mmbench_option,
+    mme_answer,
+    mmstar_correct,
+    ocrbench_correct,
+    pope_answer,
+    seed_correct,
+    textvqa_accuracy,
+    vqav2_accuracy,
+)
 from vtc.errors import ConfigError
 
 

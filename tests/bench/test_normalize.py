@@ -7,7 +7,14 @@ digit deleted, at most 32; number words, articles, contractions), not read off t
 
 import pytest
 
-from vtc.bench.normalize import CONTRACTIONS, evalai_answer, process_digit_article, process_punctuation, tokenize, vqa_answer
+from vtc.bench.normalize import (
+    CONTRACTIONS,
+    evalai_answer,
+    process_digit_article,
+    process_punctuation,
+    tokenize,
+    vqa_answer,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [

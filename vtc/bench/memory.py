@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["CellMemory", "rss_bytes"]
+__all__ = ["CellMemory", "rss_bytes", "proc_status", "reset_rss_peak"]
 
 
-def _status(field: str) -> int | None:
+def proc_status(field: str) -> int | None:
+    """A size field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or None off Linux."""
     try:
         with open("/proc/self/status") as fh:
             m = re.search(rf"{field}:\s+(\d+)\s+kB", fh.read())
@@ -40,7 +41,7 @@ def _status(field: str) -> int | None:
 
 def rss_bytes() -> int | None:
     """The process's current resident set size (Linux), or None."""
-    return _status("VmRSS")
+    return proc_status("VmRSS")
 
 
 def _trim() -> None:
@@ -50,7 +51,8 @@ def _trim() -> None:
         pass
 
 
-def _reset_hwm() -> bool:
+def reset_rss_peak() -> bool:
+    """Reset the peak-RSS counter to the current RSS (Linux ``clear_refs``); False where not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -73,9 +75,9 @@ class CellMemory:
             self._base = int(torch.cuda.memory_allocated(self.device))
         else:
             _trim()
-            self._exact = _reset_hwm()
+            self._exact = reset_rss_peak()
             self._base = rss_bytes()
-            self._hwm0 = _status("VmHWM")
+            self._hwm0 = proc_status("VmHWM")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -84,7 +86,7 @@ class CellMemory:
             peak = int(torch.cuda.max_memory_allocated(self.device))
             self._result = {"peak_bytes": peak, "base_bytes": self._base, "kind": "cuda_max_allocated"}
             return
-        hwm = _status("VmHWM")
+        hwm = proc_status("VmHWM")
         if hwm is None or self._base is None:
             self._result = {"peak_bytes": None, "base_bytes": None, "kind": "unavailable"}
             return
