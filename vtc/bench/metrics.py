@@ -23,7 +23,7 @@ predictions, with the expected values worked out from the reference's rule.
 | ``mmbench`` | MMBench | CircularEval as lmms-eval's ``mmbench`` (VLMEvalKit's rules) prefetches answers, without a GPT judge: ``can_infer_option`` (one option letter as a word, or as ``X.``, ``(X)``, ``X)``, ``:X`` ...), else ``can_infer_text`` (exactly one option's text inside the answer); a question counts only when every circular pass is right; an answer neither rule reads is wrong |
 | ``seed`` | SEED-Bench | lmms-eval ``seedbench``: the first character of the stripped prediction equals the answer letter (case-insensitive) |
 | ``mmstar`` | MMStar | MMStar's own rule (lmms-eval <= 0.2.4 ``mmstar``): lower-case, strip; right when the first character, or the one after ``(``, ``option `` or ``the answer is ``, is the answer |
-| ``ocrbench`` | OCRBench | OCRBench's official rule: some answer, lower-cased and stripped, occurs in the prediction (HME100k: both with spaces and newlines removed, case kept); extra ``final_score`` = the count, OCRBench's score out of 1000 on the full set |
+| ``ocrbench`` | OCRBench | OCRBench's official rule: some answer, lower-cased and stripped, occurs in the prediction (HME100k: both with spaces and newlines removed, case kept); extra ``final_score`` = the count, OCRBench's score out of 1000 on the full set (lmms-eval 0.7 also folds full-width ASCII first) |
 
 ``yesno`` is the former name of ``pope``. :func:`register_metric` adds a metric (a plugin module
 named in a config's ``plugins:`` imports and registers it); a subclass needs only ``score``:
