@@ -73,7 +73,7 @@ def test_report_files_rebuild_identically(tmp_path):
     build_report(run)
     md = (run / "report.md").read_text()
     assert "### m / t (exact)" in md and "| divprune | 64 | 64.0 | 33.33 | [" in md
-    assert "| -33.33 n.s. | 1.000 | 66.7 | 1 | 0.5 | 0.25 |" in md and "| ref |" in md
+    assert "| -33.33 n.s. | 1.000 / 1.000 | 66.7 | 1 | 0.5 | 0.25 |" in md and "| ref |" in md
     with (run / "report.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert [r["method"] for r in table] == ["baseline", "divprune", "divprune"]
@@ -146,12 +146,26 @@ def test_issue_example_is_not_significant(tmp_path):
     assert 25 < r["score_high"] - r["score_low"] < 40
     assert build_report(run)[1]["score_low"] == r["score_low"]   # seeded: the same interval every time
     md = (run / "report.md").read_text()
-    assert "| +6.67 n.s. | 0.500 |" in md and "GFLOPs" in md   # 1e-3 TFLOPs per question: printed in GFLOPs
+    assert "| +6.67 n.s. | 0.500 / 0.500 |" in md and "GFLOPs" in md   # 1e-3 TFLOPs per question: printed in GFLOPs
     # a clear difference is marked significant: right on 12 more, wrong on none
     run2 = _binary_run(tmp_path / "b", {("baseline", None, 576): [0] * 12 + [1] * 18, ("pool", 64, 64): [1] * 30})
     s = build_report(run2)[1]
     assert s["p_value"] == pytest.approx(2 * 0.5 ** 12) and s["significant"] is True
-    assert "| +40.00 | <0.001 |" in (run2 / "report.md").read_text()
+    assert "| +40.00 | <0.001 / <0.001 |" in (run2 / "report.md").read_text()
+
+
+def test_significance_is_adjusted_over_the_table(tmp_path):
+    # right on 8 more, wrong on 1: p = 2 x P(X >= 8 | 9, 1/2) = 2 x 10 / 512 = 0.039, significant alone ...
+    base = [0] * 8 + [1] + [1] * 11
+    lucky = [1] * 8 + [0] + [1] * 11
+    alone = build_report(_binary_run(tmp_path / "a", {("baseline", None, 576): base, ("pool", 64, 64): lucky}))[1]
+    assert alone["p_value"] == pytest.approx(20 / 512) and alone["significant"] is True
+    # ... but not as one of four comparisons: Benjamini-Hochberg 0.039 x 4 / 1 = 0.156
+    cells = {("baseline", None, 576): base, ("pool", 64, 64): lucky, ("random", 64, 64): base, ("tome", 64, 64): base,
+             ("uniform", 64, 64): base}
+    s = {x["method"]: x for x in build_report(_binary_run(tmp_path / "b", cells))}
+    assert s["pool"]["p_value"] == pytest.approx(20 / 512) and s["pool"]["p_bh"] == pytest.approx(4 * 20 / 512)
+    assert s["pool"]["significant"] is False
 
 
 def test_reference_without_a_baseline(tmp_path):

@@ -12,8 +12,8 @@ and ``RUN_DIR/rows/*.jsonl`` (one row per question) and writes
 
 Each cell's score carries its 95% bootstrap interval (``score_low``, ``score_high``) and, except
 for the reference cell, a paired test against it on the same questions (``delta``,
-``delta_low``, ``delta_high``, ``p_value``, ``test``, ``significant``; ``p_bh``: Benjamini-Hochberg
-adjusted within the table); see :mod:`vtc.bench.stats`. The reference of a (model, task) table is
+``delta_low``, ``delta_high``, ``p_value``, ``test``; ``p_bh``: Benjamini-Hochberg adjusted over
+the table's cells, and ``significant``: ``p_bh`` < 0.05); see :mod:`vtc.bench.stats`. The reference of a (model, task) table is
 the uncompressed baseline, or, where the config runs none (``tiny-mqt``: MQT always compresses),
 the cell with the most visual tokens, which the table names. The Markdown table marks a
 difference that is not significant with ``n.s.``.
@@ -44,7 +44,7 @@ __all__ = ["summarize_cell", "build_report", "load_cells", "markdown_table", "fl
 #: (summary key, Markdown header, format) of the report table; "{F}" is the table's FLOPs unit
 COLUMNS: list[tuple[str, str, str]] = [
     ("method", "method", "s"), ("budget", "budget", "s"), ("kept_tokens", "visual tokens", ".1f"),
-    ("score", "score", ".2f"), ("score_ci", "95% CI", "ci"), ("delta", "Δ vs ref", "delta"), ("p_value", "p", "p"),
+    ("score", "score", ".2f"), ("score_ci", "95% CI", "ci"), ("delta", "Δ vs ref", "delta"), ("p_value", "p / p_BH", "p"),
     ("agreement", "agree %", ".1f"), ("tflops", "{F}", "flops"), ("tflops_prefill", "prefill {F}", "flops"),
     ("fastv_tflops", "FastV {F}", "flops"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".1f"),
     ("peak_mem_mib", "peak MiB", ".0f"), ("answered", "n", "d"), ("errors", "errors", "d"), ("applied", "applied", "s"),
@@ -181,7 +181,11 @@ def _fmt(s: Mapping[str, Any], key: str, spec: str, factor: float) -> str:
     if _nan(v):
         return "-"
     if spec == "p":
-        return f"{v:.3f}" if v >= 0.001 else "<0.001"
+        def p(x: float) -> str:
+            return f"{x:.3f}" if x >= 0.001 else "<0.001"
+
+        q = s.get("p_bh")
+        return p(v) + ("" if _nan(q) else f" / {p(q)}")
     if spec == "flops":
         return format(v * factor, ".4g")
     if spec == "s":
@@ -283,6 +287,7 @@ def build_report(run_dir: str | Path, plots: bool = True) -> list[dict[str, Any]
         items = [s for s in summaries if (s["model"], s["task"]) == key]
         for s, q in zip(items, adjust([s["p_value"] if s.get("p_value") is not None else float("nan") for s in items])):
             s["p_bh"] = q
+            s["significant"] = bool(q < ALPHA) if math.isfinite(q) else None
     _write_submissions(run_dir, metas, rows, summaries)
     with (run_dir / "summary.jsonl").open("w") as fh:
         for s in summaries:
@@ -329,8 +334,8 @@ def _notes(summaries: Sequence[Mapping[str, Any]]) -> str:
     mem = " / ".join(_MEMORY.get(k, k) for k in kinds) or "not measured"
     return (f"Scores with their 95% bootstrap interval over questions ({scorers}). "
             f"Δ vs ref: the difference from the table's reference (the uncompressed model unless named) on the same "
-            f"questions; p: exact McNemar test for right/wrong scores, else paired bootstrap; n.s.: not significant at "
-            f"p < {ALPHA} (not corrected for the table's several comparisons; report.csv adds Benjamini-Hochberg p_bh). "
+            f"questions; p: exact McNemar test for right/wrong scores, else paired bootstrap; p_BH: p adjusted for the "
+            f"table's several comparisons (Benjamini-Hochberg); n.s.: not significant, p_BH >= {ALPHA}. "
             f"FLOPs: analytic, mean per question (vtc.bench.flops); FastV: T·(4nd²+2n²d+2ndm) of the LLM prefill. "
             f"Latency: medians of the cell's profile. Peak MiB: {mem}. "
             f"applied=no: the pipeline could not be attached and the model ran uncompressed.\n")

@@ -17,9 +17,9 @@ Every score vtc shows carries:
   difference's bootstrap distribution, shifted to the null, at least as far from zero as the
   observed difference. Both report the difference and its paired 95% interval.
 
-A difference is *significant* when p < :data:`ALPHA`. With many cells per table some small
-p-values arise by chance; the CSV also holds Benjamini-Hochberg adjusted p-values
-(``scipy.stats.false_discovery_control``) per table. Intervals and tests describe the questions
+A table compares many cells with one reference, and some small p-values arise by chance: the
+report adjusts them over the table (Benjamini-Hochberg, ``scipy.stats.false_discovery_control``,
+:func:`adjust`) and calls a difference *significant* when the adjusted p is below :data:`ALPHA`. Intervals and tests describe the questions
 sampled, not the benchmark's other questions' difficulty, and they assume questions independent.
 """
 
