@@ -30,6 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-latency", action="store_true", help="skip the per-cell latency/memory profile")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     b.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    b.add_argument("--keep-errors", action="store_true",
+                   help="on resume, count error rows as answered (default: ask their questions again)")
+    b.add_argument("--force", action="store_true",
+                   help="break the run folder's lock when this machine cannot confirm its owner still runs "
+                        "(another host, a reused PID); a lock the OS says is held is never broken")
+    b.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="allow and import a plugin module (repeatable): it may register metrics, operators, loaders "
+                        "and model sources, and the config may name its functions as MODULE:function. "
+                        "This runs the module's code")
+    b.add_argument("--trust-remote-code", action="store_true",
+                   help="allow trust_remote_code in a model's options (runs Python files shipped with a checkpoint)")
+    b.add_argument("--allow-absolute-paths", action="store_true",
+                   help="let task image paths point outside the task file's folder")
     c = sub.add_parser("convert", help="convert a VQA benchmark's release files to vtc JSONL (see vtc.bench.convert)")
     c.add_argument("format", choices=["vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme"])
     c.add_argument("--out", required=True, help="output .jsonl (image paths are written relative to it)")
@@ -46,18 +59,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    from vtc.errors import VtcError
+    from vtc.errors import ConfigError, VtcError
 
     try:
         if args.command == "bench":
-            if args.threads:
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise ConfigError(f"--threads must be >= 1, got {args.threads}")
                 import torch
 
                 torch.set_num_threads(args.threads)
             from vtc.bench.runner import run
 
-            out = run(args.config, progress=not args.no_progress, output=args.out, limit=args.limit,
-                      stratify=args.stratify, batch_size=args.batch_size, latency=False if args.no_latency else None)
+            out = run(args.config, progress=not args.no_progress, keep_errors=args.keep_errors, force=args.force,
+                      output=args.out, limit=args.limit, stratify=args.stratify, batch_size=args.batch_size,
+                      latency=False if args.no_latency else None, plugins=args.plugin,
+                      trust_remote_code=args.trust_remote_code, allow_absolute_paths=args.allow_absolute_paths)
             if int(os.environ.get("RANK", "0")) == 0:
                 print((out / "report.md").read_text())
                 print(f"rows, summaries, report and plots in {out}")

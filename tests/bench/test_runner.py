@@ -72,9 +72,9 @@ def test_end_to_end_through_the_cli(tmp_path, jsonl_task, capsys):
                  "plots/tiny__colors__tflops.png"):
         assert (out / name).is_file(), name
 
-    # a rerun finds every row on disk and answers nothing
+    # a rerun with --keep-errors finds every row on disk and answers nothing
     calls = []
-    run(load_config(tmp_path / "cfg.yaml"), on_batch=lambda *a: calls.append(a), progress=False)
+    run(load_config(tmp_path / "cfg.yaml"), on_batch=lambda *a: calls.append(a), progress=False, keep_errors=True)
     assert calls == []
     assert _rows(out, "baseline") == base
 
@@ -98,7 +98,7 @@ def test_resume_after_interrupt(tmp_path, jsonl_task):
 
     answered = []
     run(cfg, on_batch=lambda cell, i, rows: answered.extend(r["qid"] for r in rows), progress=False)
-    assert answered == ORDER[4:]  # only what was missing
+    assert answered == ["q_broken", *ORDER[4:]]  # only what was missing, and the error row asked again
     final = _rows(out, "baseline")
     assert [r["qid"] for r in final] == ORDER  # complete, no duplicates, in order
     assert final[:4] == first
