@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtc", description="visual-token compression for LLaVA-style models")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="run a benchmark config (model x task x pipeline x budget)")
-    b.add_argument("config", help="bench config YAML (see eval/configs/)")
+    b.add_argument("config", help="bench config YAML (see eval/configs/), or the name of a shipped config: quick, "
+                                  "ablation, tiny_quality, llava15_7b, llava_next_7b")
     b.add_argument("--out", default=None, help="run folder (default: the config's output, else runs/NAME)")
     b.add_argument("--limit", type=int, default=None, help="questions per task (overrides the config)")
     b.add_argument("--stratify", choices=["qtype", "answer"], default=None,

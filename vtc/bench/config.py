@@ -230,9 +230,9 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
     if isinstance(source, Mapping):
         data, base = dict(source), Path.cwd()
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"bench config {str(path)!r} does not exist")
+        from vtc.resources import config_path
+
+        path = config_path(source)  # a file, or the name of a shipped config ("quick")
         import yaml
 
         try:
