@@ -21,6 +21,11 @@
     stratify: qtype               # qtype | answer | null
     seed: 0
     latency: {warmup: 1, repeats: 3, new_tokens: 8, batch: 1}   # or false
+    plugins: [mypkg.metrics]      # modules to import first (THIS RUNS THEIR CODE; see vtc.bench.trust)
+    allow_absolute_paths: false   # true: task image paths may leave the task file's folder
+
+``batch_size``, ``limit`` and ``seed`` are validated here (whole numbers; ``batch_size`` and
+``limit`` at least 1), like everything else, before any model loads.
 
 Each cell has a hash over what determines its answers (model, task, pipeline, question
 selection; not the batch size or the device), and its rows live in a file named after it, so a

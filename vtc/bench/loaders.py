@@ -2,8 +2,8 @@
 
 A loader is a function ``loader(split: str, base_dir: Path, **options) -> Iterable[Question]``
 registered with :func:`register_loader` (``"easy_vqa"``, ``"jsonl"``; the embedded model's scene
-generator registers ``"tiny_scenes"``). A task manifest may also name any importable function as
-``"package.module:function"``. Loaders never open images: a :class:`Question` carries a path (or
+generator registers ``"tiny_scenes"``). A task manifest may also name a function of an allowed
+plugin module (:mod:`vtc.bench.trust`) as ``"package.module:function"``. Loaders never open images: a :class:`Question` carries a path (or
 an in-memory image, or a function making one) and the runner opens it, so an unreadable image
 becomes an error row instead of stopping the run. A malformed source record becomes a Question
 whose ``error`` says what is wrong.

@@ -3,7 +3,7 @@
 A config lists models as mappings::
 
     - name: llava-1.5-7b
-      source: hf                          # hf | random-llava | random-llava-next | package.module:function
+      source: hf                          # hf | tiny | random-llava | random-llava-next | package.module:function
       path: llava-hf/llava-1.5-7b-hf      # hf: a hub id or a local folder (from_pretrained)
       dtype: float16                      # float32 | float16 | bfloat16
       device: auto                        # auto: cuda when available, else cpu
@@ -12,7 +12,10 @@ A config lists models as mappings::
 
 A source is a function ``source(entry) -> (model, processor)`` registered with
 :func:`register_source`; ``random-llava`` / ``random-llava-next`` build the tiny random models of
-:mod:`vtc.models.random` (offline, for smoke runs). Loaded models are cached per process.
+:mod:`vtc.models.random` (offline, for smoke runs). A ``package.module:function`` source must
+come from an allowed plugin module, and ``trust_remote_code`` in ``options`` needs
+``--trust-remote-code`` (:mod:`vtc.bench.trust`); ``hf`` loads safetensors weights only. Loaded
+models are cached per process.
 """
 
 from __future__ import annotations
