@@ -6,10 +6,15 @@ dicts, a path to a YAML file holding any of these (or ``{"pipeline": ...}``), or
 forms give the same :class:`Pipeline`, whose :meth:`~Pipeline.spec` round-trips and whose
 :attr:`~Pipeline.hash` is stable across processes.
 
-Stages run in order: every ``vision`` operator comes before every ``llm`` operator. An allocator
-followed by a selector only allocates; the selector then fills the per-partition budgets (the
-integration carries ``budget`` and ``group`` across the projector when they sit in different
-stages).
+Stages run in order: every ``vision`` operator comes before every ``llm`` operator, and every
+``llm_layer`` operator (inside the language model) comes last. An allocator followed by a selector
+only allocates; the selector then fills the per-partition budgets (the integration carries
+``budget`` and ``group`` across the projector when they sit in different stages).
+
+Calling a pipeline on :class:`VisualTokens` runs its ``vision`` and ``llm`` operators (the part
+before the language model); its ``llm_layer`` operators run inside the decoder, where the
+integration calls them with a :class:`~vtc.ops.llm_layer.LayerContext` at the layers
+:meth:`Pipeline.layer_schedule` lists.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from vtc.errors import ConfigError
 from vtc.ops.base import STAGES, Operator
 from vtc.registry import create, get_op
+from vtc.taps.layers import sorted_layers
 from vtc.tokens import VisualTokens
 
 __all__ = ["Pipeline", "build", "parse_spec"]
@@ -45,16 +51,19 @@ class Pipeline(nn.Module):
         self._check()
 
     def _check(self) -> None:
-        stages = [op.stage for op in self.ops]
-        seen_llm = None
-        for op, st in zip(self.ops, stages):
-            if st == "llm":
-                seen_llm = op
-            elif seen_llm is not None:
+        latest = None  # the operator of the latest stage so far
+        for op in self.ops:
+            st = op.stage
+            if latest is not None and STAGES.index(st) < STAGES.index(latest.stage):
+                if st == "vision":
+                    hint = "order vision-stage operators first (or set stage=llm on it)"
+                else:
+                    hint = "operators inside the language model (stage 'llm_layer') come after every other operator"
                 raise ConfigError(
-                    f"operator {op.name!r} runs at stage 'vision' after {seen_llm.name!r} at stage 'llm'; "
-                    "order vision-stage operators first (or set stage=llm on it)"
+                    f"operator {op.name!r} runs at stage {st!r} after {latest.name!r} at stage {latest.stage!r}; {hint}"
                 )
+            if latest is None or STAGES.index(st) > STAGES.index(latest.stage):
+                latest = op
         for i, op in enumerate(self.ops):
             fills = i > 0 and self.ops[i - 1].allocates and op.selects
             own = getattr(op, "own_budget_args", lambda: [])()
@@ -70,17 +79,37 @@ class Pipeline(nn.Module):
         return bool(self.ops[i].allocates and i + 1 < len(self.ops) and self.ops[i + 1].selects)
 
     def forward(self, tokens: VisualTokens, stage: str | None = None) -> VisualTokens:
-        """Run every operator (or only those of ``stage``) in order."""
+        """Run every operator before the language model (or only those of ``stage``) in order.
+
+        ``llm_layer`` operators are skipped: they run inside the decoder (:meth:`layer_schedule`).
+        """
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage == "llm_layer":
+            raise ConfigError(
+                "llm_layer operators run inside the language model on a LayerContext, not on VisualTokens; "
+                "use pipeline.layer_schedule(num_layers) to find which run after each decoder layer"
+            )
         for i, op in enumerate(self.ops):
-            if stage is not None and op.stage != stage:
+            if (stage is not None and op.stage != stage) or op.stage == "llm_layer":
                 continue
             tokens = op.allocate(tokens) if self.hands_off(i) else op(tokens)
         return tokens
 
     def stage_ops(self, stage: str) -> list[Operator]:
         return [op for op in self.ops if op.stage == stage]
+
+    def layer_schedule(self, num_layers: int) -> dict[int, list[Operator]]:
+        """``{decoder layer: [llm_layer operators that run after it, in pipeline order]}``.
+
+        Layer numbers are resolved against ``num_layers`` (negative ones count from the end) and
+        listed in increasing order; layers without an operator are absent.
+        """
+        out: dict[int, list[Operator]] = {}
+        for op in self.stage_ops("llm_layer"):
+            for layer in op.resolve_layers(num_layers):
+                out.setdefault(layer, []).append(op)
+        return dict(sorted(out.items()))
 
     def has_stage(self, stage: str) -> bool:
         return any(op.stage == stage for op in self.ops)
@@ -92,7 +121,7 @@ class Pipeline(nn.Module):
         for op in self.ops:
             for sig, layers in op.requires.items():
                 out.setdefault(sig, set()).update(layers)
-        return {k: sorted(v) for k, v in out.items()}
+        return {k: sorted_layers(v) for k, v in out.items()}
 
     def __len__(self) -> int:
         return len(self.ops)

@@ -30,7 +30,7 @@ __all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES"]
 
 #: How a signal is combined when tokens are merged. Attention mass is additive (a merged token
 #: receives the attention of all its members); everything else is a size-weighted mean.
-SIGNAL_MERGE_RULES: dict[str, str] = {"cls_attn": "sum"}
+SIGNAL_MERGE_RULES: dict[str, str] = {"cls_attn": "sum", "attn_received": "sum"}
 _MERGE_RULES = ("sum", "mean", "min", "max")
 
 
@@ -131,6 +131,9 @@ class VisualTokens:
     layout: Layout | tuple[Layout, ...] | None = None
     signals: dict[str, dict[int, Tensor]] = field(default_factory=dict)
     budget: Tensor | None = None
+    #: the tower's layers (a :class:`vtc.taps.LayerSpace`), set by the tap: lets :meth:`signal` take
+    #: negative layers and ``"feature"`` / ``"last"``
+    layer_space: Any = None
 
     # ------------------------------------------------------------------ construction / checks
     def __post_init__(self) -> None:
@@ -275,19 +278,35 @@ class VisualTokens:
             return list(self.layout)
         return [self.layout] * self.batch_size
 
-    def signal(self, name: str, layer: int, op: str = "operator") -> Tensor:
-        """The recorded signal ``name`` at ``layer``, or a :class:`SignalError` saying how to get it."""
+    def signal(self, name: str, layer: int | str, op: str = "operator") -> Tensor:
+        """The recorded signal ``name`` at ``layer``, or a :class:`SignalError` saying how to get it.
+
+        ``layer`` is a layer number as recorded, or a negative number, ``"feature"`` or ``"last"``,
+        resolved with :attr:`layer_space` (the tower's, set by the tap that recorded the signals).
+        """
         from vtc.errors import SignalError
 
-        per_layer = self.signals.get(name)
-        if per_layer is None or layer not in per_layer:
+        per_layer = self.signals.get(name) or {}
+        key = layer
+        if layer not in per_layer:
+            if self.layer_space is not None:
+                key = self.layer_space.resolve(layer, where=f"{op}'s {name!r} layers", error=SignalError)
+            elif isinstance(layer, str) or (isinstance(layer, int) and layer < 0):
+                raise SignalError(
+                    f"{op} asks for signal {name!r} at vision layer {layer!r}, which is relative to the tower's "
+                    "depth, but these tokens carry no layer_space. Build them with vtc.taps.to_tokens(features, tap), "
+                    "or pass VisualTokens(..., layer_space=tap.layer_space) (or vtc.taps.LayerSpace(num_layers, "
+                    "feature_layer))."
+                )
+        if key not in per_layer:
             have = {k: sorted(v) for k, v in self.signals.items()} or "none"
+            at = repr(layer) if key == layer else f"{layer!r} (= layer {key})"
             raise SignalError(
-                f"{op} needs signal {name!r} at vision layer {layer} but it was not recorded (recorded: {have}). "
-                f"Attach a tap that records it (vtc.taps.attach(tower, {{{name!r}: [{layer}]}})), "
-                f"let vtc.apply do it, or pass it in VisualTokens.signals[{name!r}][{layer}]."
+                f"{op} needs signal {name!r} at vision layer {at} but it was not recorded (recorded: {have}). "
+                f"Attach a tap that records it (vtc.taps.attach(tower, {{{name!r}: [{layer!r}]}})), "
+                f"let vtc.apply do it, or pass it in VisualTokens.signals[{name!r}][{key!r}]."
             )
-        return per_layer[layer]
+        return per_layer[key]
 
     def replace(self, **changes: Any) -> VisualTokens:
         return dataclasses.replace(self, **changes)
@@ -316,6 +335,7 @@ class VisualTokens:
             mask=(None if self.mask is None else fn(self.mask)) if mask is ... else mask,
             layout=self.layout,
             budget=self.budget if budget_fn is None or self.budget is None else budget_fn(self.budget),
+            layer_space=self.layer_space,
         )
         out.update(overrides)
         return VisualTokens(**out)
@@ -413,6 +433,7 @@ class VisualTokens:
             layout=self.layout,
             signals=signals,
             budget=self.budget,
+            layer_space=self.layer_space,
         )
         if slot_valid is not None:
             out = out._zero_padding()
@@ -522,7 +543,7 @@ class VisualTokens:
         if fields.get("signals"):
             kw["signals"] = {k: {l: pad(ts) for l, ts in v.items()} for k, v in fields["signals"].items()}
         return cls(x=pad(xs), mask=None if bool(mask.all()) else mask, layout=fields.get("layout"),
-                   budget=fields.get("budget"), **kw)
+                   budget=fields.get("budget"), layer_space=fields.get("layer_space"), **kw)
 
     # ------------------------------------------------------------------ grid geometry
     def grid_position(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

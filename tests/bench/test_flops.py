@@ -159,3 +159,94 @@ def test_operator_budget_defaults_to_its_own_default_ratio():
     """HiRED with no keep=/ratio= keeps int(0.2 n), so later stages are costed on that, not on n."""
     n_out = F.op_flops(vtc.build("hired")[0], 2880, 8, 5)[1]
     assert n_out == F.op_flops(vtc.build("hired:ratio=0.2")[0], 2880, 8, 5)[1] == 576
+
+
+def test_layer_varying_counts_match_flop_counter_on_a_layer_by_layer_llama_run():
+    """In-LLM pruning: a 4-layer random Llama (GQA) run layer by layer, visual tokens dropped between
+    layers as PyramidDrop's schedule says; prefill, one decode step on the per-layer KV cache, and the
+    cache bytes equal the analytic per-layer model."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("eager")
+    inner = model.model
+    lm = F.ModelShape.from_config(cfg).lm
+    sys_len, vis, txt = 5, 48, 7
+    pipe = vtc.build("pdrop:layers=[0,1,2],ratios=[0.5,0.25,0.125]")
+    counts = F.layer_visual_counts(pipe, vis, lm.layers)
+    assert counts == [48, 24, 12, 6]
+    cache = DynamicCache(config=cfg)
+    h0 = torch.randn(1, sys_len + vis + txt, lm.hidden)
+
+    def prefill():
+        h, pos = h0, torch.arange(h0.shape[1])
+        for layer, block in enumerate(inner.layers):
+            L = h.shape[1]
+            mask = torch.full((L, L), float("-inf")).triu(1).view(1, 1, L, L)
+            h = block(h, attention_mask=mask, position_ids=pos[None], cache=cache, use_cache=True,
+                      position_embeddings=inner.rotary_emb(h, pos[None]))
+            if layer + 1 < lm.layers:  # keep the first counts[layer + 1] visual tokens, all text
+                keep = torch.cat([torch.arange(sys_len), sys_len + torch.arange(counts[layer + 1]),
+                                  torch.arange(sys_len + counts[layer], L)])
+                h, pos = h[:, keep], pos[keep]
+        model.lm_head(inner.norm(h[:, -1:]))
+        return int(pos[-1])
+
+    fc = FlopCounterMode(display=False)
+    with torch.no_grad(), fc:
+        last = prefill()
+    layer_tokens = [sys_len + txt + c for c in counts]
+    assert [cache.layers[l].keys.shape[2] for l in range(lm.layers)] == layer_tokens
+    n = sys_len + vis + txt
+    assert F.prefill_flops(lm, n, 1, layer_tokens) == pytest.approx(fc.get_total_flops(), rel=0.01)
+    assert F.prefill_flops(lm, n, 1, layer_tokens) < 0.8 * F.prefill_flops(lm, n, 1)
+
+    def step():
+        h, pos = torch.randn(1, 1, lm.hidden), torch.tensor([[last + 1]])
+        for block in inner.layers:
+            h = block(h, attention_mask=None, position_ids=pos, cache=cache, use_cache=True,
+                      position_embeddings=inner.rotary_emb(h, pos))
+        model.lm_head(inner.norm(h))
+
+    fc = FlopCounterMode(display=False)
+    with torch.no_grad(), fc:
+        step()
+    assert F.decode_flops(lm, n, 2, layer_tokens) == pytest.approx(fc.get_total_flops(), rel=0.01)
+    cached = sum(cache.layers[l].keys.numel() + cache.layers[l].values.numel() for l in range(lm.layers)) * 4
+    assert F.kv_cache_bytes(lm, n + 1, 4, [t + 1 for t in layer_tokens]) == cached
+
+    # estimate() predicts the same per-layer counts from the pipeline and reports equivalent tokens
+    shape = F.ModelShape(vision=None, projector=(), lm=lm)
+    est = F.estimate(shape, text_tokens=sys_len + txt, kept_tokens=vis, new_tokens=2, pipeline=pipe, dtype_bytes=4)
+    assert est["layer_visual"] == counts and est["equivalent_tokens"] == sum(counts) / 4
+    assert est["prefill"] == F.prefill_flops(lm, n, 1, layer_tokens)
+    assert est["decode"] == F.decode_flops(lm, n, 2, layer_tokens)
+    assert est["kv_cache_bytes"] == cached
+    assert est["ops"] == 2 * lm.heads * lm.head_dim * (60 + 36 + 24)  # one attention row per pruning layer
+    assert est["fastv_compat"] == F.fastv_compat(lm, n, layer_tokens) < F.fastv_compat(lm, n)
+    plain = F.estimate(shape, text_tokens=sys_len + txt, kept_tokens=vis, new_tokens=2)
+    assert plain["equivalent_tokens"] == vis and "layer_visual" not in plain
+
+
+def test_fastv_formula_with_in_llm_pruning_and_equivalent_tokens():
+    lm = F.LMShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000)
+    shape = F.ModelShape(vision=None, projector=(), lm=lm)
+    text, d, m = 55, 4096, 11008
+
+    def term(t):
+        return 4 * t * d * d + 2 * t * t * d + 2 * t * d * m
+
+    est = F.estimate(shape, text_tokens=text, kept_tokens=576, new_tokens=1, pipeline=vtc.build("fastv:K=2,R=0.5"))
+    # FastV's own figure: FLOPs(n, K layers) + FLOPs(n', T - K layers)
+    assert est["fastv_compat"] == 2 * term(text + 576) + 30 * term(text + 288)
+    assert est["equivalent_tokens"] == (2 * 576 + 30 * 288) / 32
+    # SparseVLM's "equivalent 192": the 192 preset averages 206.5 visual tokens with vtc's after-layer drops
+    sv = F.estimate(shape, text_tokens=text, kept_tokens=576, new_tokens=1, pipeline=vtc.build("sparsevlm"))
+    assert sv["layer_visual"][:4] == [576, 576, 576, 309] and sv["equivalent_tokens"] == (3 * 576 + 4 * 309 + 9 * 204 + 16 * 113) / 32
+    pd = F.estimate(shape, text_tokens=text, kept_tokens=576, new_tokens=1, pipeline=vtc.build("pdrop"))
+    assert pd["equivalent_tokens"] == (9 * 576 + 8 * 288 + 8 * 144 + 7 * 72) / 32
+    with pytest.raises(vtc.VtcError, match="32 layers"):
+        F.prefill_flops(lm, 10, 1, [10] * 4)

@@ -46,21 +46,32 @@ def _pool_args(k: int, h: int, parts: int) -> dict:
     return {"keep": max(k, parts)}
 
 
+#: arguments an operator always gets here: visionzip's official mode needs the tower's CLS token among
+#: the tokens, which synthetic tokens do not hold (tests/ops/test_visionzip.py covers it)
+FIXED = {"visionzip": {"compat": "clean"}}
+
+
 #: per-op arguments for a per-image budget ``k`` on ``parts`` partitions of ``h x h`` (default: ``keep=k``)
 ARGS = {"m3": _m3_args, "pool": _pool_args}
 
-OPS = [name for name in vtc.list_ops() if name not in SKIP]
+#: operators that both drop and merge, or whose merged tokens are not convex mixes: name -> reason
+NOT_CONSERVATIVE = {"visionzip": "a contextual token is its target plus the mean of the tokens that joined it, "
+                                 "and with no contextual budget the other tokens are dropped"}
+
+#: in-LLM operators (stage llm_layer) decide on a LayerContext, not on VisualTokens (tests/ops/test_llm_layer.py)
+OPS = [name for name in vtc.list_ops() if name not in SKIP and get_op(name).default_stage != "llm_layer"]
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def make_op(name: str, k: int | None, h: int, parts: int = 1):
+    fixed = FIXED.get(name, {})
     if k is None:  # the budget comes from VisualTokens.budget
-        return vtc.create(name)
+        return vtc.create(name, **fixed)
     if name in ARGS:
-        return vtc.create(name, **ARGS[name](k, h, parts))
+        return vtc.create(name, **ARGS[name](k, h, parts), **fixed)
     fields = {f.name for f in dataclasses.fields(get_op(name).Config)}
-    return vtc.create(name, keep=k) if "keep" in fields else vtc.create(name)
+    return vtc.create(name, keep=k, **fixed) if "keep" in fields else vtc.create(name, **fixed)
 
 
 def signals_for(op, extra_layers=(22,)) -> dict:
@@ -149,7 +160,7 @@ def check_invariants(name, op, t, out, case):
         assert torch.equal(ro["group"], ri["group"][src])
         # kept tokens are unchanged input tokens; otherwise each partition's tokens merged conservatively
         kept = all(torch.equal(ro[k], ri[k][src]) for k in ri)
-        if not kept:
+        if not kept and name not in NOT_CONSERVATIVE:
             # under per-partition budgets each partition is reduced on its own (one with budget 0 may
             # vanish); without, an operator may merge across partitions (tome does), so check the image
             if budget is not None:

@@ -32,7 +32,7 @@ def test_unknown_towers_raise(thing):
 def test_unknown_signal_raises_listing_the_known_ones(tower):
     with pytest.raises(TapError, match="cls_attn, cls_logits, keys, hidden"):
         attach(tower, {"attention_map": [1]})
-    assert SIGNALS == ("cls_attn", "cls_logits", "keys", "hidden")
+    assert SIGNALS == ("cls_attn", "cls_logits", "keys", "hidden", "attn_received", "key_norms")
 
 
 @pytest.mark.parametrize("layers", [[1.0], ["2"], [True]])

@@ -18,13 +18,22 @@ Stages:
   the LM head for the logits actually computed (``generate`` computes only the last position).
 - **decode**: one step per generated token after the first, each attending to the whole cache.
 
+In-LLM operators (stage ``llm_layer``: FastV, PyramidDrop, AIM, SparseVLM) make the token count
+differ per decoder layer: every LLM figure then counts each layer at the tokens it actually
+processed (``layer_tokens``: prefill over ``n_l`` tokens, decode against a cache of ``n_l + t``,
+KV-cache bytes per layer). :func:`layer_visual_counts` predicts the visual tokens of each layer
+from the operators' own counting rule (``kept_visual``), or the integration passes the measured
+counts; :func:`equivalent_tokens` is their layer average, the "equivalent tokens" SparseVLM and
+PyramidDrop report, next to the visual tokens at the LLM input.
+
 Also :func:`fastv_compat`, the figure FastV and DivPrune publish (``T·(4nd² + 2n²d + 2ndm)``, LLM
-only, one forward over ``n`` tokens), and :func:`kv_cache_bytes`.
+only, one forward over ``n`` tokens; with in-LLM pruning FastV's own ``FLOPs(n, K layers) +
+FLOPs(n', T-K layers)``, i.e. each layer at its count), and :func:`kv_cache_bytes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +41,7 @@ from vtc.errors import ConfigError
 
 __all__ = ["VisionShape", "LMShape", "ModelShape", "vision_flops", "projector_flops", "prefill_flops",
            "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "estimate", "OP_FLOPS",
-           "register_op_flops"]
+           "register_op_flops", "layer_visual_counts", "equivalent_tokens"]
 
 
 @dataclass(frozen=True)
@@ -150,32 +159,78 @@ def _lm_layer(lm: LMShape, n: int, context: int) -> int:
     return proj + attn + mlp
 
 
-def prefill_flops(lm: LMShape, n: int, logits: int = 1) -> int:
-    """FLOPs of one LLM forward over ``n`` prompt tokens, computing ``logits`` positions of the LM head."""
-    return lm.layers * _lm_layer(lm, n, n) + 2 * logits * lm.hidden * lm.vocab
+def _per_layer(lm: LMShape, n: int, layer_tokens: Sequence[int] | None) -> list[int]:
+    """Tokens each decoder layer processes: ``layer_tokens`` (checked), or ``n`` in every layer."""
+    if layer_tokens is None:
+        return [n] * lm.layers
+    out = [int(v) for v in layer_tokens]
+    if len(out) != lm.layers:
+        raise ConfigError(f"layer_tokens has {len(out)} entries but the language model has {lm.layers} layers")
+    return out
 
 
-def decode_flops(lm: LMShape, prompt: int, new_tokens: int) -> int:
+def prefill_flops(lm: LMShape, n: int, logits: int = 1, layer_tokens: Sequence[int] | None = None) -> int:
+    """FLOPs of one LLM forward over ``n`` prompt tokens, computing ``logits`` positions of the LM head.
+
+    ``layer_tokens[l]``: tokens decoder layer ``l`` processes when in-LLM operators drop tokens
+    between layers (default ``n`` everywhere).
+    """
+    return sum(_lm_layer(lm, t, t) for t in _per_layer(lm, n, layer_tokens)) + 2 * logits * lm.hidden * lm.vocab
+
+
+def decode_flops(lm: LMShape, prompt: int, new_tokens: int, layer_tokens: Sequence[int] | None = None) -> int:
     """FLOPs of the decode steps after a prefill of ``prompt`` tokens that end with ``new_tokens`` generated.
 
     The prefill yields the first token; each later token costs one step over a cache of
-    ``prompt + t`` tokens (``t = 1 .. new_tokens - 1``), with the LM head on one position.
+    ``prompt + t`` tokens (``t = 1 .. new_tokens - 1``), with the LM head on one position. With
+    ``layer_tokens``, layer ``l``'s cache holds ``layer_tokens[l] + t`` tokens.
     """
+    per = _per_layer(lm, prompt, layer_tokens)
     total = 0
     for t in range(1, max(new_tokens, 1)):
-        total += lm.layers * _lm_layer(lm, 1, prompt + t) + 2 * lm.hidden * lm.vocab
+        total += sum(_lm_layer(lm, 1, c + t) for c in per) + 2 * lm.hidden * lm.vocab
     return total
 
 
-def fastv_compat(lm: LMShape, n: int) -> int:
-    """``T·(4·n·d² + 2·n²·d + 2·n·d·m)``: the LLM-only figure FastV and DivPrune publish as "FLOPs"."""
+def fastv_compat(lm: LMShape, n: int, layer_tokens: Sequence[int] | None = None) -> int:
+    """``T·(4·n·d² + 2·n²·d + 2·n·d·m)``: the LLM-only figure FastV and DivPrune publish as "FLOPs";
+    with ``layer_tokens``, the sum of that per-layer term at each layer's count (FastV's own formula
+    for pruning inside the LLM)."""
     d, m = lm.hidden, lm.intermediate
-    return lm.layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    return sum(4 * t * d * d + 2 * t * t * d + 2 * t * d * m for t in _per_layer(lm, n, layer_tokens))
 
 
-def kv_cache_bytes(lm: LMShape, tokens: int, bytes_per_element: int = 2) -> int:
-    """Bytes of the K and V caches for ``tokens`` positions."""
-    return 2 * lm.layers * lm.kv_heads * lm.head_dim * tokens * bytes_per_element
+def kv_cache_bytes(lm: LMShape, tokens: int, bytes_per_element: int = 2,
+                   layer_tokens: Sequence[int] | None = None) -> int:
+    """Bytes of the K and V caches for ``tokens`` positions (``layer_tokens[l]`` in layer ``l``)."""
+    return sum(2 * lm.kv_heads * lm.head_dim * t * bytes_per_element for t in _per_layer(lm, tokens, layer_tokens))
+
+
+def layer_visual_counts(pipeline: Any, visual: int, num_layers: int) -> list[int] | None:
+    """Visual tokens each decoder layer processes, predicted from the pipeline's ``llm_layer`` operators.
+
+    ``visual`` tokens enter the LLM; after each layer the operators scheduled there (in pipeline
+    order) apply their counting rule ``kept_visual`` (the same rule their decisions follow), so the
+    next layer sees that many. None when the pipeline has no in-LLM operator.
+    """
+    if pipeline is None or not hasattr(pipeline, "layer_schedule") or not pipeline.has_stage("llm_layer"):
+        return None
+    import torch
+
+    schedule = pipeline.layer_schedule(num_layers)
+    n_in = torch.tensor([int(visual)])
+    alive = n_in.clone()
+    out = []
+    for layer in range(num_layers):
+        out.append(int(alive))
+        for op in schedule.get(layer, []):
+            alive = op.kept_visual(layer, alive, n_in, num_layers)
+    return out
+
+
+def equivalent_tokens(layer_visual: Sequence[int]) -> float:
+    """The layer average of the visual token counts: SparseVLM's and PyramidDrop's "equivalent tokens"."""
+    return sum(layer_visual) / len(layer_visual) if len(layer_visual) else 0.0
 
 
 # ------------------------------------------------------------------------- operators
@@ -284,6 +339,8 @@ def pipeline_flops(shape: ModelShape, pipeline: Any, visual_tokens: int, passes:
         if shape.vision is not None:
             total += _tap_flops(pipeline, shape.vision, passes)
         for op in pipeline:
+            if op.stage == "llm_layer":  # counted per decoder layer by estimate()
+                continue
             dim = shape.vision.hidden if op.stage == "vision" and shape.vision else (shape.lm.hidden if shape.lm else 0)
             f, n, known = op_flops(op, n, dim, passes)
             total += f
@@ -292,6 +349,36 @@ def pipeline_flops(shape: ModelShape, pipeline: Any, visual_tokens: int, passes:
             if op.stage == "vision":
                 after_vision = n
     return {"ops": total, "after_vision": after_vision, "after_llm": n, "unknown": unknown}
+
+
+def _attention_rows(lm: LMShape, rows: int, n: int) -> int:
+    """Recomputing ``rows`` query rows of one layer's attention logits against ``n`` keys."""
+    return 2 * rows * n * lm.heads * lm.head_dim
+
+
+def layer_op_flops(op: Any, lm: LMShape, text: int, visual: int) -> int:
+    """One call of an in-LLM operator at a layer holding ``text`` + ``visual`` tokens.
+
+    The operator's own ``layer_flops(lm, text, visual)`` wins; otherwise the rows it recomputes
+    (FastV, PyramidDrop: the last prompt row; SparseVLM: at most every text row, plus its rater
+    choice and clustering; AIM: the block from the first visual token on, plus the PageRank
+    products) and a router's linear score.
+    """
+    own = getattr(op, "layer_flops", None)
+    if callable(own):
+        return int(own(lm, text, visual))
+    n = text + visual
+    name = getattr(op, "name", "")
+    if name in ("fastv", "pdrop"):
+        return _attention_rows(lm, 1, n)
+    if name == "sparsevlm":
+        return _attention_rows(lm, text, n) + 2 * visual * text * lm.hidden + 2 * visual * visual * lm.hidden
+    if name == "aim":
+        iters = getattr(op.config, "iterations", 5)
+        return _attention_rows(lm, n, n) + iters * 2 * lm.heads * n * n
+    if name == "router":
+        return 2 * n * lm.hidden
+    return 0
 
 
 # ------------------------------------------------------------------------- one question
@@ -306,13 +393,20 @@ def estimate(
     pipeline: Any = None,
     visual_tokens: int | None = None,
     dtype_bytes: int = 2,
+    layer_visual: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """FLOPs of answering one question, per stage (see the module docstring).
 
     ``kept_tokens``: visual tokens the LLM received; ``text_tokens``: the other prompt tokens;
     ``new_tokens``: tokens generated; ``passes``: tower forwards; ``projector_tokens``: tokens the
     projector saw (default: every patch of every pass, or fewer after vision-stage operators);
-    ``visual_tokens``: the visual tokens before compression (for the operators' estimate).
+    ``visual_tokens``: the visual tokens before compression (for the operators' estimate);
+    ``layer_visual``: visual tokens each decoder layer processed, as measured by the integration
+    (default: predicted by :func:`layer_visual_counts` from the pipeline's in-LLM operators).
+
+    Besides the stages: ``equivalent_tokens`` (layer-average visual tokens, equal to
+    ``kept_tokens`` without in-LLM operators), ``fastv_compat``, ``kv_cache_bytes`` and, with
+    in-LLM operators, ``layer_visual``.
     """
     lm, v = shape.lm, shape.vision
     if lm is None:
@@ -324,16 +418,28 @@ def estimate(
         vision_ops = pipeline is not None and pipeline.has_stage("vision")
         projector_tokens = min(patch_tokens, ops["after_vision"]) if vision_ops else patch_tokens
     n = text_tokens + kept_tokens
+    if layer_visual is None:
+        layer_visual = layer_visual_counts(pipeline, kept_tokens, lm.layers)
+    layer_tokens = None if layer_visual is None else [text_tokens + int(c) for c in _per_layer(lm, 0, layer_visual)]
+    in_llm = 0
+    if layer_visual is not None and pipeline is not None:
+        for layer, layer_ops in pipeline.layer_schedule(lm.layers).items():
+            in_llm += sum(layer_op_flops(op, lm, text_tokens, int(layer_visual[layer])) for op in layer_ops)
     out = {
         "vision": vision_flops(v, passes) if v is not None else 0,
         "projector": projector_flops(shape, projector_tokens),
-        "ops": ops["ops"],
-        "prefill": prefill_flops(lm, n, logits=1),
-        "decode": decode_flops(lm, n, new_tokens),
+        "ops": ops["ops"] + in_llm,
+        "prefill": prefill_flops(lm, n, logits=1, layer_tokens=layer_tokens),
+        "decode": decode_flops(lm, n, new_tokens, layer_tokens=layer_tokens),
     }
     out["total"] = sum(out.values())
-    out["fastv_compat"] = fastv_compat(lm, n)
-    out["kv_cache_bytes"] = kv_cache_bytes(lm, n + max(new_tokens - 1, 0), dtype_bytes)
+    out["fastv_compat"] = fastv_compat(lm, n, layer_tokens)
+    extra = max(new_tokens - 1, 0)
+    out["kv_cache_bytes"] = kv_cache_bytes(lm, n + extra, dtype_bytes,
+                                           None if layer_tokens is None else [t + extra for t in layer_tokens])
+    out["equivalent_tokens"] = float(kept_tokens) if layer_visual is None else equivalent_tokens(layer_visual)
+    if layer_visual is not None:
+        out["layer_visual"] = [int(c) for c in layer_visual]
     if ops["unknown"]:
         out["ops_unknown"] = ops["unknown"]
     return out
@@ -346,6 +452,7 @@ def tflops(x: float | int | None) -> float:
 
 def describe(flops: Mapping[str, Any]) -> str:
     """A one-line human summary of an :func:`estimate` result."""
-    parts = [f"{k}={v / 1e9:.3g} GFLOPs" for k, v in flops.items() if k not in ("kv_cache_bytes", "ops_unknown")]
+    skip = ("kv_cache_bytes", "ops_unknown", "equivalent_tokens", "layer_visual")
+    parts = [f"{k}={v / 1e9:.3g} GFLOPs" for k, v in flops.items() if k not in skip]
     return ", ".join(parts) + (f", kv={flops.get('kv_cache_bytes', 0) / 2**20:.3g} MiB" if "kv_cache_bytes" in flops else "")
 

@@ -75,6 +75,8 @@ def summarize_cell(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                       ("fastv_compat", "fastv_tflops")):
         out[name] = _mean([f.get(key) for f in flops]) / 1e12
     out["kv_cache_mib"] = _mean([f.get("kv_cache_bytes") for f in flops]) / 2**20
+    # layer-average visual tokens (in-LLM pruning makes it differ from the tokens at the LLM input)
+    out["equivalent_tokens"] = _mean([f.get("equivalent_tokens") for f in flops])
     applied = {bool(r.get("applied", True)) for r in rows}
     out["applied"] = "yes" if applied == {True} else ("no" if applied == {False} else "partly") if rows else "-"
     lat = meta.get("latency") or {}
@@ -118,6 +120,11 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def _in_llm_pruned(s: Mapping[str, Any]) -> bool:
+    eq, kept = s.get("equivalent_tokens"), s.get("kept_tokens")
+    return eq is not None and kept is not None and not math.isnan(eq) and not math.isclose(eq, kept)
+
+
 def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: one table per (model, task)."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -129,6 +136,9 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
         qtypes = sorted({qt for s in items for qt in s.get("qtypes") or ()})
         at = [k for k, _, _ in COLUMNS].index("score") + 1
         cols = COLUMNS[:at] + [(f"score[{qt}]", qt, ".2f") for qt in qtypes] + COLUMNS[at:]
+        if any(_in_llm_pruned(s) for s in items):  # layer-average visual tokens next to those at the LLM input
+            at = [k for k, _, _ in cols].index("kept_tokens") + 1
+            cols = cols[:at] + [("equivalent_tokens", "equiv. tokens", ".1f")] + cols[at:]
         parts.append(f"### {model} / {task} ({metric})\n")
         parts.append("| " + " | ".join(h for _, h, _ in cols) + " |")
         parts.append("|" + "|".join("---" for _ in cols) + "|")

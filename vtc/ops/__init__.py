@@ -1,6 +1,26 @@
 """The built-in operators, one module per method; importing this package registers them all."""
 
-from vtc.ops import divprune, globalcom2, hired, m3, mqt, pool, random, tome, uniform, vtc_cls  # noqa: F401
+from vtc.ops import (  # noqa: F401
+    aim,
+    divprune,
+    fastv,
+    globalcom2,
+    hired,
+    hiprune,
+    m3,
+    mqt,
+    pdrop,
+    pool,
+    random,
+    router,
+    sparsevlm,
+    tome,
+    uniform,
+    visionzip,
+    vtc_cls,
+)
 from vtc.ops.base import Allocator, OpConfig, Operator, SelectConfig, Selector
+from vtc.ops.llm_layer import LayerContext, LayerOperator, LayerUpdate
 
-__all__ = ["Operator", "Selector", "Allocator", "OpConfig", "SelectConfig"]
+__all__ = ["Operator", "Selector", "Allocator", "OpConfig", "SelectConfig", "LayerOperator", "LayerContext",
+           "LayerUpdate"]

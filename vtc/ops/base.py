@@ -2,8 +2,10 @@
 
 An operator is a ``torch.nn.Module`` with a typed ``Config`` dataclass, a default ``stage``
 (``"vision"``: on the tower's patch tokens before the projector; ``"llm"``: on the projector's
-outputs), the signals it ``requires``, and ``forward(VisualTokens) -> VisualTokens``. Operators
-only decide which tokens survive (or how they merge); they never see input ids or masks.
+outputs; ``"llm_layer"``: inside the language model, after chosen decoder layers, see
+:mod:`vtc.ops.llm_layer`), the signals it ``requires``, and ``forward(VisualTokens) -> VisualTokens``
+(``llm_layer`` operators: ``forward(LayerContext) -> keep mask``). Operators only decide which
+tokens survive (or how they merge); they never see input ids or masks.
 
 :class:`Selector` is the base of every operator that reduces each image to ``k`` tokens (by
 keeping or merging). It turns ``keep=``/``ratio=`` into a per-image ``k``, and when an allocator
@@ -24,8 +26,10 @@ from torch import Tensor, nn
 from vtc.errors import BudgetError, ConfigError
 from vtc.tokens import VisualTokens
 
-Stage = Literal["vision", "llm"]
-STAGES: tuple[str, ...] = ("vision", "llm")
+Stage = Literal["vision", "llm", "llm_layer"]
+#: The stages in the order a pipeline runs them: the tower's tokens, the projector's outputs, the
+#: language model's decoder layers.
+STAGES: tuple[str, ...] = ("vision", "llm", "llm_layer")
 
 
 @dataclass
@@ -116,6 +120,14 @@ class Operator(nn.Module):
             raise ConfigError(f"{self.name}: pass a Config or keyword arguments, not both")
         elif not isinstance(config, self.Config):
             raise ConfigError(f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        in_llm = self.default_stage == "llm_layer"
+        if config.stage is not None and (config.stage == "llm_layer") != in_llm:
+            raise ConfigError(
+                f"operator {self.name!r} cannot run at stage {config.stage!r}: "
+                + ("it runs inside the language model (stage 'llm_layer')" if in_llm else
+                   "stage 'llm_layer' is for operators that read the decoder's attention (fastv, pdrop, aim, "
+                   "sparsevlm); use 'vision' or 'llm'")
+            )
         self.config = config
 
     @property
@@ -242,4 +254,5 @@ def _take_rows(a: VisualTokens, b: VisualTokens, use_a: Tensor) -> VisualTokens:
         layout=b.layout,
         signals=signals,
         budget=b.budget,
+        layer_space=b.layer_space,
     )

@@ -41,3 +41,68 @@ def apportion(weights: Tensor, total: Tensor, capacity: Tensor) -> Tensor:
         left = left - (new - out).sum(1)
         out = new
     return out
+
+
+def equal_split(k: Tensor, partitions: Tensor, capacity: Tensor, *, floor: bool) -> Tensor:
+    """``[B, G]`` long: ``k[b]`` tokens split equally over image ``b``'s ``partitions[b]`` partitions.
+
+    ``capacity [B, G]``: tokens present per partition. ``floor=True`` gives each ``k // P`` (the
+    remainder is unused, as official per-partition budgets ``int(N / P)`` do), except that an image
+    whose share rounds to 0 gives one token to its first partition holding tokens, so that it is
+    not emptied; ``floor=False`` apportions ``k`` equally by largest remainder within the capacities
+    (:func:`apportion`), so the budgets sum to ``min(k, tokens present)``. Columns past an image's
+    partitions get 0.
+    """
+    B, G = capacity.shape
+    P = partitions.long().clamp_min(1).unsqueeze(1)
+    col = torch.arange(G, device=k.device).unsqueeze(0)
+    kk = k.long().unsqueeze(1)
+    base = (kk // P).expand(B, G)
+    if floor:
+        has = capacity > 0
+        first = torch.where(has, col, torch.full_like(col, G)).min(1, keepdim=True).values
+        out = torch.where((base == 0) & (kk > 0) & (col == first), torch.ones_like(base), base)
+    else:
+        open_ = (col < P) & (capacity > 0)
+        return apportion(open_.long(), k, torch.where(col < P, capacity, torch.zeros_like(capacity)))
+    return torch.where(col < P, out, torch.zeros_like(out))
+
+
+def partitions_per_image(tokens) -> Tensor:
+    """``[B]`` long: partitions of each image (from its layout, else from the ``group`` ids present)."""
+    lays = tokens.layouts()
+    if all(lay is not None for lay in lays):
+        return torch.tensor([lay.num_partitions for lay in lays], dtype=torch.long, device=tokens.device)
+    if tokens.group is None:
+        return torch.ones(tokens.batch_size, dtype=torch.long, device=tokens.device)
+    g = tokens.group.masked_fill(~tokens.valid, 0)
+    return g.max(1).values + 1
+
+
+def partition_counts(tokens) -> Tensor:
+    """``[B, G]`` long: valid tokens per (image, partition)."""
+    G = tokens.num_groups
+    g = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+    g = torch.where(tokens.valid, g, torch.full_like(g, G))
+    out = torch.zeros(tokens.batch_size, G + 1, dtype=torch.long, device=tokens.device)
+    return out.scatter_add_(1, g, torch.ones_like(g))[:, :G]
+
+
+class PerPartition:
+    """Mixin for a :class:`~vtc.ops.base.Selector` whose method runs on each partition (each AnyRes
+    crop) separately: with ``config.per_partition`` and several partitions (and no allocator
+    budget), :meth:`partition_budget` sets per-partition budgets and the selector runs per partition.
+    By default each image's budget is split equally (:func:`equal_split`, floored under
+    ``compat="official"``)."""
+
+    def partition_budget(self, tokens) -> Tensor:
+        P = partitions_per_image(tokens)
+        k = self.resolve_keep(tokens.counts)
+        return equal_split(k, P, partition_counts(tokens), floor=getattr(self.config, "compat", "official") == "official")
+
+    def forward(self, tokens):
+        if getattr(self.config, "per_partition", False) and tokens.budget is None and tokens.num_groups > 1:
+            tokens.check_finite(f"operator {self.name!r}")
+            out = super().forward(tokens.replace(budget=self.partition_budget(tokens)))
+            return out.replace(budget=None)
+        return super().forward(tokens)

@@ -70,6 +70,7 @@ from vtc.ops.anyres import (
 from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.selection import descending_order, keep_top
 from vtc.registry import register
+from vtc.taps.layers import Layer
 from vtc.tokens import VisualTokens
 
 
@@ -79,7 +80,7 @@ class GlobalCom2Config(OpConfig):
 
     ratio: float = 0.25
     temperature: float = 10.0
-    layer: int = 23
+    layer: Layer = 23
     compat: Literal["official", "clean"] = "official"
 
     def __post_init__(self) -> None:

@@ -81,6 +81,7 @@ from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.budgets import apportion
 from vtc.ops.selection import descending_order, keep_top, mask_from_order
 from vtc.registry import register
+from vtc.taps.layers import Layer, sorted_layers
 from vtc.tokens import VisualTokens
 
 DEFAULT_RATIO = 0.2
@@ -93,8 +94,8 @@ class HiredConfig(OpConfig):
     ratio: float | None = None
     keep: int | None = None
     alpha: float = 0.5
-    top_layer: int = 0
-    bottom_layer: int = 22
+    top_layer: Layer = 0
+    bottom_layer: Layer = 22
     spatial_k: int | None = None
     compat: Literal["official", "clean"] = "official"
 
@@ -122,7 +123,7 @@ class HiRED(Allocator):
 
     @property
     def requires(self) -> dict[str, list[int]]:
-        return {"cls_attn": sorted({self.config.top_layer, self.config.bottom_layer})}
+        return {"cls_attn": sorted_layers({self.config.top_layer, self.config.bottom_layer})}
 
     @property
     def newline_policy(self) -> str:

@@ -38,6 +38,7 @@ from torch import Tensor
 from vtc.errors import BudgetError, SignalError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.registry import register
+from vtc.taps.layers import Layer
 from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens
 
 _FIRST = "_tome_first_index"  # private signal: smallest original index inside each token
@@ -50,7 +51,7 @@ class ToMeConfig(SelectConfig):
 
     r: int | None = None
     metric: Literal["auto", "keys", "x"] = "auto"
-    layer: int | None = None
+    layer: Layer | None = None
     protect_cls: bool = False
     compat: Literal["official", "clean"] = "official"
     restore_order: bool = False
@@ -130,6 +131,26 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
     return assign, rep, slot_valid, r
 
 
+def track_first(tokens: VisualTokens) -> tuple[VisualTokens, int]:
+    """``tokens`` with a private signal holding, through later merges, the first (smallest) original
+    ``(index, group)`` inside each token, packed in one exact float64 with the partition count ``G``
+    (returned); :func:`sort_by_first` reads it."""
+    G = tokens.num_groups
+    grp = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+    first = tokens.index.to(torch.float64) * G + grp.to(torch.float64)
+    return tokens.replace(signals={**tokens.signals, _FIRST: {0: first}}), G
+
+
+def sort_by_first(tokens: VisualTokens, G: int) -> VisualTokens:
+    """Merged tokens in raster order: sorted by the first original patch each contains, which becomes
+    its ``index`` (and its partition its ``group``); drops the signal :func:`track_first` added."""
+    first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, float("inf"))
+    tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
+    first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, 0).long()
+    return tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
+                          signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+
+
 @register("tome")
 class ToMe(Selector):
     Config = ToMeConfig
@@ -152,11 +173,7 @@ class ToMe(Selector):
         protect = 1 if cfg.protect_cls else 0
         sort_back = cfg.restore_order or cfg.compat == "clean"
         if sort_back:
-            # min over members of (index, group) packed in one exact float64: the first member and its partition
-            G = tokens.num_groups
-            grp = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
-            first = tokens.index.to(torch.float64) * G + grp.to(torch.float64)
-            tokens = tokens.replace(signals={**tokens.signals, _FIRST: {0: first}})
+            tokens, G = track_first(tokens)
         key_layer = None
         if cfg.metric != "x" and tokens.signals.get("keys"):
             key_layer = cfg.layer if cfg.layer is not None else (22 if cfg.metric == "keys" else max(tokens.signals["keys"]))
@@ -180,18 +197,13 @@ class ToMe(Selector):
                         f"(asked for {int(target[n > target].min())}); raise keep or disable protect_cls"
                     )
                 break
-            metric = tokens.x if key_layer is None else tokens.signals["keys"][key_layer]
+            metric = tokens.x if key_layer is None else tokens.signal("keys", key_layer, op="operator 'tome'")
             assign, rep, slot_valid, _ = bipartite_step(metric, n, r, bool(protect), tokens.group)
             tokens = tokens.merge(assign, rep, None if bool(slot_valid.all()) else slot_valid)
             if one_step:
                 break
         if sort_back:
-            first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, float("inf"))
-            tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
-            # in raster order each merged token is identified by its first original patch (and its partition)
-            first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, 0).long()
-            tokens = tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
-                                    signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
+            tokens = sort_by_first(tokens, G)
         if bool(drop_all.any()):
             tokens = tokens.keep_mask((~drop_all).unsqueeze(1).expand(tokens.x.shape[:2]))
         return tokens

@@ -23,14 +23,16 @@ from vtc.errors import ConfigError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.selection import keep_top
 from vtc.registry import register
+from vtc.taps.layers import Layer, sorted_layers
 from vtc.tokens import VisualTokens
 
 
 @dataclass
 class VtcClsConfig(SelectConfig):
-    """``layers``: vision layers whose CLS attention is summed (HF numbering, 0-based)."""
+    """``layers``: vision layers whose CLS attention is summed (HF numbering, 0-based; negative, ``"feature"``
+    and ``"last"`` resolve against the tower, see :mod:`vtc.taps.layers`)."""
 
-    layers: list[int] = field(default_factory=lambda: list(range(16, 23)))
+    layers: list[Layer] = field(default_factory=lambda: list(range(16, 23)))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,7 +47,7 @@ class VtcCls(Selector):
 
     @property
     def requires(self) -> dict[str, list[int]]:
-        return {"cls_attn": sorted(set(self.config.layers))}
+        return {"cls_attn": sorted_layers(set(self.config.layers))}
 
     def scores(self, tokens: VisualTokens) -> Tensor:
         sig = [tokens.signal("cls_attn", l, op="operator 'vtc-cls'") for l in self.config.layers]

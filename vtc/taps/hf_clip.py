@@ -8,8 +8,9 @@ Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` capture the proje
 attention computes anyway. They are *unscaled*: HF applies ``self_attn.scale`` inside the attention
 function, so the CLS row is ``q_cls·k · scale``. A forward hook on ``self_attn`` (which fires after
 both projections, whatever the attention implementation: eager, SDPA, FlashAttention) computes the
-signals and drops the captured tensors. CLIP has a CLS token first; SigLIP has none, so every token
-is a patch token and CLS signals are refused.
+signals and drops the captured tensors. Only the CLS row of q is kept unless ``attn_received`` is
+asked for, which needs every query row. CLIP has a CLS token first; SigLIP has none, so every token
+is a patch token and CLS signals are refused (``attn_received`` / ``key_norms`` are its CLS-free ones).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vtc.errors import TapError, UnsupportedModelError
-from vtc.taps.tap import Tap, TowerAdapter
+from vtc.taps.tap import CLS_SIGNALS, Tap, TowerAdapter
 
 __all__ = ["HFVisionAdapter"]
 
@@ -37,8 +38,12 @@ def _vision_root(tower: nn.Module) -> nn.Module:
         root = root.vision_model
     layers = getattr(getattr(root, "encoder", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not hasattr(root, "embeddings"):
-        hint = " (for a LLaVA model pass model.model.vision_tower)" if hasattr(tower, "vision_tower") or hasattr(
-            getattr(tower, "model", None), "vision_tower") else ""
+        inner = getattr(tower, "model", None)
+        hint = ""
+        if hasattr(tower, "vision_tower") or hasattr(inner, "vision_tower"):
+            hint = " (for a LLaVA model pass model.model.vision_tower)"
+        elif hasattr(tower, "visual") or hasattr(inner, "visual"):
+            hint = " (for a Qwen VL model pass model.model.visual)"
         raise UnsupportedModelError(
             f"{type(tower).__name__} is not a Hugging Face CLIP/SigLIP vision tower: it has no "
             f"embeddings + encoder.layers{hint}"
@@ -74,11 +79,12 @@ class HFVisionAdapter(TowerAdapter):
     def hook_attention(self, l: int, want: frozenset[str], tap: Tap) -> list[RemovableHandle]:
         attn = self.layers[l].self_attn
         H, d, scale = attn.num_heads, attn.head_dim, attn.scale
-        need_q = bool(want & {"cls_attn", "cls_logits"})
+        all_rows = "attn_received" in want
+        need_q = all_rows or bool(want & CLS_SIGNALS)
         seen: dict[str, Tensor] = {}
 
         def on_q(module: nn.Module, args: tuple, out: Tensor) -> None:
-            seen["q"] = out[:, 0]
+            seen["q"] = out if all_rows else out[:, 0]
 
         def on_k(module: nn.Module, args: tuple, out: Tensor) -> None:
             seen["k"] = out
@@ -96,7 +102,9 @@ class HFVisionAdapter(TowerAdapter):
                 raise TapError(f"layer {l}'s q_proj/k_proj did not run inside its self_attn; cannot tap it")
             B, N = k.shape[:2]
             k = k.view(B, N, H, d).transpose(1, 2)
-            tap.record_qk(l, want, q.view(B, H, d) if need_q else None, k, scale)
+            q_all = q.view(B, N, H, d).transpose(1, 2) if all_rows else None
+            q_cls = None if not need_q else (q_all[:, :, 0] if all_rows else q.view(B, H, d))
+            tap.record_qk(l, want, q_cls, k, scale, q=q_all)
 
         handles = [attn.k_proj.register_forward_hook(on_k)]
         if need_q:

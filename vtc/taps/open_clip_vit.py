@@ -8,7 +8,9 @@ functional call from the packed ``in_proj_weight``: there is no projection modul
 forward pre-hook on the attention reads its input ``x`` instead and computes the CLS row with
 :func:`vtc.attention.cls_attention_from_input`, which folds the CLS query into the key projection
 (``O(N·D)`` per head, never projecting the ``N`` keys), and head-mean keys with
-:func:`vtc.attention.head_mean_keys_from_input` (``1/H`` of a key projection). Blocks built with
+:func:`vtc.attention.head_mean_keys_from_input` (``1/H`` of a key projection). The CLS-free
+signals need every head's keys (``key_norms``) and queries (``attn_received``): those are projected
+from ``x`` with the same weights, once per layer and only when asked for. Blocks built with
 open_clip's own ``Attention`` (``CustomResidualAttentionBlock``: qk-norm, cosine attention) are not
 supported.
 """
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vtc.attention import cls_attention_from_input, head_mean_keys_from_input
 from vtc.errors import TapError, UnsupportedModelError
-from vtc.taps.tap import Tap, TowerAdapter
+from vtc.taps.tap import CLS_FREE_SIGNALS, CLS_SIGNALS, Tap, TowerAdapter
 
 __all__ = ["OpenClipVitAdapter"]
 
@@ -88,10 +91,16 @@ class OpenClipVitAdapter(TowerAdapter):
             if not mha.batch_first:
                 x = x.transpose(0, 1)
             wq, bq, wk, bk = (t.detach() if t is not None else None for t in projections())
-            if want & {"cls_attn", "cls_logits"}:
+            if want & CLS_SIGNALS:
                 logits, probs = cls_attention_from_input(x, wq, bq, wk, bk, H, scale)
                 tap.record_logits(l, want, logits, probs)
             if "keys" in want:
                 tap.record_keys(l, head_mean_keys_from_input(x[:, tap.num_prefix_tokens:], wk, bk, H))
+            rest = want & CLS_FREE_SIGNALS
+            if rest:
+                B, N = x.shape[:2]
+                k = F.linear(x, wk, bk).view(B, N, H, D // H).transpose(1, 2)
+                q = F.linear(x, wq, bq).view(B, N, H, D // H).transpose(1, 2) if "attn_received" in rest else None
+                tap.record_qk(l, rest, None, k, scale, q=q)
 
         return [mha.register_forward_pre_hook(before_attention, with_kwargs=True)]

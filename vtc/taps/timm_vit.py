@@ -7,8 +7,9 @@ CLS token (when ``class_token=True``) followed by any register tokens; patch tok
 timm's ``Attention`` projects q, k and v with one fused ``qkv`` Linear, then applies ``q_norm`` and
 ``k_norm`` (identities unless ``qk_norm=True``) and hands the *unscaled* q, k to SDPA (or scales q
 itself when ``fused_attn`` is off). Forward hooks on ``q_norm`` and ``k_norm`` therefore capture
-exactly the q and k the attention uses, normalised, ``[B, H, N, d]``; a forward hook on the
-attention module computes the signals once both exist.
+exactly the q and k the attention uses, normalised, ``[B, H, N, d]`` (only the CLS row of q is
+kept unless ``attn_received`` needs every row); a forward hook on the attention module computes
+the signals once both exist.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from vtc.errors import TapError, UnsupportedModelError
-from vtc.taps.tap import Tap, TowerAdapter
+from vtc.taps.tap import CLS_SIGNALS, Tap, TowerAdapter
 
 __all__ = ["TimmVitAdapter"]
 
@@ -55,11 +56,12 @@ class TimmVitAdapter(TowerAdapter):
 
     def hook_attention(self, l: int, want: frozenset[str], tap: Tap) -> list[RemovableHandle]:
         attn = self.blocks[l].attn
-        need_q = bool(want & {"cls_attn", "cls_logits"})
+        all_rows = "attn_received" in want
+        need_q = all_rows or bool(want & CLS_SIGNALS)
         seen: dict[str, Tensor] = {}
 
         def on_q(module: nn.Module, args: tuple, out: Tensor) -> None:
-            seen["q"] = out[:, :, 0]
+            seen["q"] = out if all_rows else out[:, :, 0]
 
         def on_k(module: nn.Module, args: tuple, out: Tensor) -> None:
             seen["k"] = out
@@ -76,7 +78,8 @@ class TimmVitAdapter(TowerAdapter):
                 )
             if k is None or (need_q and q is None):
                 raise TapError(f"block {l}'s q_norm/k_norm did not run inside its attention; cannot tap it")
-            tap.record_qk(l, want, q if need_q else None, k, attn.scale)
+            q_cls = None if not need_q else (q[:, :, 0] if all_rows else q)
+            tap.record_qk(l, want, q_cls, k, attn.scale, q=q if all_rows else None)
 
         handles = [attn.k_norm.register_forward_hook(on_k)]
         if need_q:

@@ -3,7 +3,9 @@
 :func:`to_tokens` drops the prefix tokens (CLS, registers) from the tower's features, numbers the
 patch tokens ``0..N-1`` in raster order, attaches a grid :class:`~vtc.tokens.Layout` (given, else
 the tower's own patch grid, else a square one inferred from ``N``) and the tap's signals from the
-same forward.
+same forward, and the tap's :class:`~vtc.taps.layers.LayerSpace` so that operators can ask for
+``"feature"`` or negative layers. Packed towers (Qwen VL) have no ``[B, N]`` batch: read them with
+:meth:`~vtc.taps.Tap.per_image` and :func:`~vtc.taps.qwen_vl.to_merged_grid` instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def to_tokens(features: Tensor, tap: Tap, layout: Layout | Any = None) -> Visual
             f"to_tokens needs the tower's features as a [B, N, D] tensor, got {type(features).__name__}; "
             "for a Hugging Face output pass e.g. out.last_hidden_state or out.hidden_states[-2]"
         )
+    if tap.packed:
+        raise TapError(
+            f"to_tokens builds [B, N] tokens of a batched tower; this {tap.family} packs every image into one "
+            "sequence. Read its signals per image with tap.per_image(name, layer) and aggregate them to the merged "
+            "grid with vtc.taps.to_merged_grid"
+        )
     n = tap.num_patches
     if n is None:
         raise TapError("the tap has recorded no forward yet; run the vision tower with the tap attached first")
@@ -51,4 +59,4 @@ def to_tokens(features: Tensor, tap: Tap, layout: Layout | Any = None) -> Visual
         g = tap.adapter.grid
         layout = Layout.grid(*g) if g is not None and g[0] * g[1] == n else Layout.square(n)
     signals = {name: dict(per_layer) for name, per_layer in tap.signals.items()}
-    return VisualTokens(x=x, layout=layout, signals=signals)
+    return VisualTokens(x=x, layout=layout, signals=signals, layer_space=tap.layer_space)
