@@ -10,9 +10,13 @@ import socket
 import subprocess
 
 import pytest
+import yaml
+from conftest import tiny_config
 
 from vtc.bench import lock as lockmod
 from vtc.bench.lock import LOCK_FILE, RunLock
+from vtc.bench.rows import read_rows
+from vtc.cli import main
 from vtc.errors import RunLockedError
 
 
@@ -92,12 +96,6 @@ def test_without_kernel_locks_the_pid_decides(tmp_path, monkeypatch):
 
 
 def test_the_cli_refuses_a_locked_folder_and_takes_over_a_stale_one(tmp_path, jsonl_task, other_process, capsys):
-    import yaml
-    from conftest import tiny_config
-
-    from vtc.bench.rows import read_rows
-    from vtc.cli import main
-
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(jsonl_task, tmp_path / "run", pipelines=[], limit=4)))
     assert main(["bench", str(cfg), "--no-progress"]) == 2
