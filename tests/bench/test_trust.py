@@ -85,7 +85,9 @@ def test_a_plugins_key_imports_a_custom_metric_usable_by_name(tmp_path, jsonl_ta
     (rows_file,) = (tmp_path / "run" / "rows").iterdir()
     for r in read_rows(rows_file):  # scored by the plugin's metric
         assert r["score"] == float(len(r["prediction"]) == len(r["answers"][0]))
-    assert "answer_length" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "answer_length" in captured.out
+    assert f"the config imports plugin module(s) {name} (this runs their code)" in captured.err
 
 
 def test_trust_remote_code_and_pickled_weights_are_refused(tmp_path, jsonl_task, monkeypatch):

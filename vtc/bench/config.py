@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,6 +261,10 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
         raise ConfigError(f"allow_absolute_paths must be true or false, got {allow_paths!r}")
     trust = TrustPolicy.build(cli_plugins=plugins, config_plugins=data.get("plugins"),
                               trust_remote_code=trust_remote_code, allow_absolute_paths=allow_absolute_paths or allow_paths)
+    if data.get("plugins"):
+        logging.getLogger("vtc.bench").warning(
+            "vtc bench: the config imports plugin module(s) %s (this runs their code)", ", ".join(data["plugins"])
+            if isinstance(data["plugins"], list) else data["plugins"])
     trust.import_plugins()  # plugins register metrics, operators, loaders and sources before names are checked
     # the CLI's --limit / --batch-size are named as flags, the config's keys as keys
     if limit is not None:

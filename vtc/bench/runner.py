@@ -110,8 +110,11 @@ class Runner:
         ctx = dist.context()
         lock = None
         try:
+            cells = self._cells = self.config.cells()
+            for cell in cells:  # a missing task file or a refused path fails now, before the folder is touched
+                self.questions(cell.task, cell.selection)
             lock = self._lock(ctx)
-            self._run(ctx)
+            self._run(ctx, cells)
         finally:
             if lock is not None:
                 lock.release()
@@ -132,10 +135,7 @@ class Runner:
             log.warning("vtc bench: %s", lock.stale)
         return lock
 
-    def _run(self, ctx: dist.DistContext) -> None:
-        cells = self._cells = self.config.cells()
-        for cell in cells:  # a missing task file fails now, not after hours of other cells
-            self.questions(cell.task, cell.selection)
+    def _run(self, ctx: dist.DistContext, cells: list[Cell]) -> None:
         if ctx.main:
             (self.dir / "cells").mkdir(parents=True, exist_ok=True)
             import yaml
