@@ -6,8 +6,9 @@ and plots from the rows. Modules: :mod:`~vtc.bench.tasks` and :mod:`~vtc.bench.l
 questions), :mod:`~vtc.bench.metrics` and :mod:`~vtc.bench.normalize` (scores),
 :mod:`~vtc.bench.models` (which model, which prompt format), :mod:`~vtc.bench.config` (the
 grid), :mod:`~vtc.bench.runner`, :mod:`~vtc.bench.rows` (JSONL rows, resume, shard merging),
-:mod:`~vtc.bench.dist` (torchrun sharding), :mod:`~vtc.bench.attach` (the seam to
-``vtc.apply``), :mod:`~vtc.bench.flops`, :mod:`~vtc.bench.latency`, :mod:`~vtc.bench.env`,
+:mod:`~vtc.bench.lock` (one run per folder), :mod:`~vtc.bench.files` (atomic writes),
+:mod:`~vtc.bench.trust` (what a config may run and read), :mod:`~vtc.bench.dist` (torchrun sharding),
+:mod:`~vtc.bench.attach` (the seam to ``vtc.apply``), :mod:`~vtc.bench.flops`, :mod:`~vtc.bench.latency`, :mod:`~vtc.bench.env`,
 :mod:`~vtc.bench.report` and :mod:`~vtc.bench.plots`. Importing this package is cheap: heavy
 dependencies (transformers, matplotlib) load inside the functions that use them.
 """

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vtc.bench.files import atomic_open, read_json, write_text
 from vtc.bench.metrics import agreement, get_metric
-from vtc.bench.rows import read_rows
+from vtc.bench.rows import cell_rows
 from vtc.errors import ConfigError
 
 __all__ = ["summarize_cell", "build_report", "load_cells", "markdown_table", "COLUMNS"]
@@ -96,20 +97,17 @@ def load_cells(run_dir: str | Path) -> list[dict[str, Any]]:
     cdir = run_dir / "cells"
     if not cdir.is_dir():
         raise ConfigError(f"{str(run_dir)!r} is not a vtc bench run folder (no cells/ inside)")
-    metas = {p.stem: json.loads(p.read_text()) for p in sorted(cdir.glob("*.json"))}
+    fix = "rerun `vtc bench` with the config that made it (it rebuilds the file from the rows) or delete the file"
+    metas = {p.stem: read_json(p, fix=fix) for p in sorted(cdir.glob("*.json"))}
     order_file = run_dir / "run.json"
     if order_file.is_file():
-        ids = json.loads(order_file.read_text()).get("cells", [])
+        ids = read_json(order_file, fix=fix).get("cells", [])
         return [metas[i] for i in ids if i in metas]
     return list(metas.values())
 
 
 def _cell_rows(run_dir: Path, cell_id: str) -> list[dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    for path in [run_dir / "rows" / f"{cell_id}.jsonl", *sorted((run_dir / "rows").glob(f"{cell_id}.rank*.jsonl"))]:
-        for r in read_rows(path):
-            rows.setdefault(r["qid"], r)
-    return list(rows.values())
+    return cell_rows(run_dir, cell_id)  # the runner's summaries read rows the same way
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -161,13 +159,13 @@ def build_report(run_dir: str | Path, plots: bool = True) -> list[dict[str, Any]
     rows = {m["id"]: _cell_rows(run_dir, m["id"]) for m in metas}
     baselines = {(m["model"], m["task"]): rows[m["id"]] for m in metas if m.get("method") == "baseline"}
     summaries = [summarize_cell(m, rows[m["id"]], baselines.get((m["model"], m["task"]))) for m in metas]
-    with (run_dir / "summary.jsonl").open("w") as fh:
+    with atomic_open(run_dir / "summary.jsonl") as fh:
         for s in summaries:
             fh.write(json.dumps({k: _jsonable(v) for k, v in s.items()}) + "\n")
     keys: list[str] = []
     for s in summaries:
         keys += [k for k in s if k not in keys]
-    with (run_dir / "report.csv").open("w", newline="") as fh:
+    with atomic_open(run_dir / "report.csv", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         for s in summaries:
@@ -186,5 +184,5 @@ def build_report(run_dir: str | Path, plots: bool = True) -> list[dict[str, Any]
 
         made = plot_run(summaries, run_dir / "plots")
         md.append("Plots: " + ", ".join(f"[{p.name}](plots/{p.name})" for p in made) + "\n")
-    (run_dir / "report.md").write_text("\n".join(md))
+    write_text(run_dir / "report.md", "\n".join(md))
     return summaries
