@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from _ops_testlib import assert_batch_equals_alone, grid_tokens, np64

@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vtc.errors import BudgetError, ConfigError, SignalError
+from vtc.errors import BudgetError, ConfigError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.llm_layer import LayerConfig, LayerContext, LayerOperator, floor_count, keep_top_visual
 from vtc.ops.tome import bipartite_step, sort_by_first, track_first
