@@ -276,3 +276,119 @@ def test_pipeline_rejects_non_operators():
     for bad in (torch.nn.Identity(), "divprune:keep=3", {"op": "divprune"}):
         with pytest.raises(ConfigError, match="vtc operators"):
             Pipeline([bad])
+
+
+# ---------------------------------------------------------------------- bad inputs get named errors (issue 16)
+@pytest.mark.parametrize("spec, words", [
+    ("divprune:keep=.nan", "divprune.keep: expected an integer, got nan"),
+    ("divprune:keep=.inf", "divprune.keep: expected an integer, got inf"),
+    ("divprune:keep=3,keep=400", "'keep' is given twice"),
+    ({"op": ["divprune"]}, "'op' names one operator as a string"),
+    ({"op": "divprune", "keep": 3, "stage": "gpu"}, "stage: 'gpu' is not one of 'vision', 'llm'"),
+    ("divprune:keep=3,stage=gpu", "stage: 'gpu' is not one of 'vision', 'llm'"),
+    ([None, "divprune:keep=3"], "pipeline entry 0 is empty"),
+    (["divprune:keep=3", None], "pipeline entry 1 is empty"),
+])
+def test_bad_specs_raise_named_errors(spec, words):
+    with pytest.raises(ConfigError, match=words):
+        build(spec)
+
+
+def test_numpy_numbers_are_accepted():
+    np = pytest.importorskip("numpy")
+    assert build({"op": "divprune", "keep": np.int64(5)}) == build("divprune:keep=5")
+    assert build({"op": "random", "ratio": np.float32(0.5)}) == build("random:ratio=0.5")
+    with pytest.raises(ConfigError):
+        build({"op": "divprune", "keep": np.float64(2.5)})
+
+
+def test_yaml_files_that_include_themselves_are_refused(tmp_path):
+    me = tmp_path / "me.yaml"
+    me.write_text(f"pipeline: {me}\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        build(me)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yml"
+    a.write_text(f"pipeline: [{b}]\n")
+    b.write_text(f"- {a}\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        build(a)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("pipeline: [{op: divprune, keep: 3}]\n")
+    both = tmp_path / "both.yaml"
+    both.write_text(f"pipeline: [{ok}, {ok}]\n")  # the same file twice is not a cycle
+    assert len(build(both)) == 2
+
+
+def test_yaml_duplicate_keys_are_refused(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("pipeline:\n  - {op: divprune, keep: 3, keep: 400}\n")
+    with pytest.raises(ConfigError, match="given twice"):
+        build(f)
+
+
+def test_pipelines_and_operators_refuse_bare_tensors():
+    from vtc.errors import InputError
+
+    x = torch.randn(2, 16, 4)
+    with pytest.raises(InputError, match="VisualTokens\\(x=features\\)"):
+        build("divprune:keep=3")(x)
+    with pytest.raises(InputError, match="'divprune' takes vtc.VisualTokens"):
+        vtc.create("divprune", keep=3)(x)
+
+
+def test_huge_keep_keeps_everything():
+    t = VisualTokens(x=torch.randn(2, 9, 3))
+    assert build(f"divprune:keep={2 ** 63}")(t) is t
+    masked = VisualTokens(x=torch.randn(2, 9, 3), mask=torch.arange(9).expand(2, 9) < torch.tensor([[9], [5]]))
+    assert build(f"random:keep={2 ** 63}")(masked).counts.tolist() == [9, 5]
+
+
+@pytest.mark.parametrize("spec", ["m3:keep=4", "pool:keep=4", "divprune:keep=3", "tome:keep=3", "uniform:keep=3",
+                                  "hired", "globalcom2", "hired | divprune", "vtc-cls:keep=3"])
+def test_an_empty_batch_is_returned_as_it_is(spec):
+    p = build(spec)
+    sig = {s: {l: torch.rand(0, 16) for l in layers} for s, layers in p.requires.items()}
+    t = VisualTokens(x=torch.randn(0, 16, 4), layout=vtc.Layout.grid(4), signals=sig)
+    assert p(t).batch_size == 0 and p[0](t).batch_size == 0
+
+
+# ---------------------------------------------------------------------- validation once, and the fast mode
+def test_side_inputs_are_validated_at_the_entry():
+    from vtc.errors import InputError
+
+    x = torch.randn(1, 16, 4)
+    for bad in (float("nan"), 0.0, -1.0, float("inf")):
+        t = VisualTokens(x=x, size=torch.full((1, 16), 2.0).index_fill(1, torch.tensor([5]), bad),
+                         layout=vtc.Layout.grid(4))
+        with pytest.raises(InputError, match="size must be a finite count > 0.*token 5"):
+            build("pool:keep=4")(t)
+    attn = torch.rand(1, 16)
+    attn[0, 3] = float("nan")
+    t = VisualTokens(x=x, signals={"cls_attn": {22: attn}})
+    with pytest.raises(InputError, match="signals\\['cls_attn'\\]\\[22\\] holds NaN/Inf.*token 3"):
+        build("vtc-cls:keep=3,layers=[22]")(t)
+    with pytest.raises(InputError, match="'vtc-cls'"):
+        vtc.create("vtc-cls", keep=3, layers=[22])(t)
+    # a signal no operator reads is not checked; padding is never checked
+    assert build("divprune:keep=3")(t).counts.tolist() == [3]
+    padded = VisualTokens(x=x.clone(), mask=torch.arange(16).unsqueeze(0) < 10)
+    padded.x[0, 12] = float("nan")
+    assert build("divprune:keep=3")(padded).counts.tolist() == [3]
+
+
+def test_validate_false_skips_the_check_and_gives_the_same_result():
+    t = VisualTokens(x=torch.randn(2, 36, 4, dtype=torch.float64), layout=vtc.Layout.grid(6))
+    p = build("random:keep=20 | divprune:keep=8")
+    fast = Pipeline(list(p), validate=False)
+    assert torch.equal(fast(t).index, p(t).index) and torch.equal(p(t, validate=False).index, p(t).index)
+    bad = t.replace(x=t.x.clone())
+    bad.x[0, 0, 0] = float("nan")
+    with pytest.raises(vtc.errors.InputError):
+        p(bad)
+    fast(bad)  # not checked: the caller vouched for its input
+    # the integration's entry points: check once per stage, then run operator by operator
+    p.check_input(t, stage="vision")
+    mid = p.run_op(0, t)
+    assert torch.equal(p.run_op(1, mid, fast=True).index, p(t).index)
+    with pytest.raises(ConfigError, match="stage must be one of"):
+        p.check_input(t, stage="gpu")

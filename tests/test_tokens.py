@@ -340,3 +340,45 @@ def test_grid_position_anyres_partitions():
     bad = VisualTokens(x=torch.randn(1, 1, 2), index=torch.tensor([[6]]), group=torch.tensor([[0]]), layout=lay)
     with pytest.raises(LayoutError, match="outside"):
         bad.grid_position()
+
+
+def test_size_is_kept_in_float32_for_half_features():
+    t = VisualTokens(x=torch.randn(1, 3, 2).bfloat16(), size=torch.tensor([[1, 2, 289]]))
+    assert t.size.dtype == torch.float32 and t.size.tolist() == [[1.0, 2.0, 289.0]]
+    assert VisualTokens(x=torch.randn(1, 3, 2).half()).sizes.dtype == torch.float32
+    assert VisualTokens(x=torch.randn(1, 3, 2, dtype=torch.float64)).sizes.dtype == torch.float64
+    m = t.merge(torch.tensor([[0, 0, 0]]), torch.tensor([[0]]))
+    assert m.size.tolist() == [[292.0]] and m.x.dtype == torch.bfloat16
+
+
+def test_validate_checks_features_signals_and_sizes_once():
+    from vtc.ops.opcount import count_ops
+
+    t = _full()
+    _, c = count_ops(t.validate, "op")
+    assert c.syncs == 1 and c.names["aminmax"] == 4  # x, two signals, size
+    _, c = count_ops(t.validate, "op", {"cls_attn": [22]})
+    assert c.names["aminmax"] == 3
+    bad = t.replace(size=t.size.index_fill(1, torch.tensor([4]), -2.0))
+    with pytest.raises(InputError, match="size .* -2.0 at image 0, token 4"):
+        bad.validate("op")
+
+
+def test_replace_checks_only_what_changed():
+    t = _full()
+    with pytest.raises(InputError, match="index"):
+        t.replace(index=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(InputError, match="negative"):
+        t.replace(budget=torch.tensor([[1, -1], [0, 0]]))
+    with pytest.raises(InputError, match="no field"):
+        t.replace(sizes=None)
+    packed = t.replace(mask=torch.tensor([[False, True, True, True, True, True], [True] * 6]))
+    assert packed.mask[0].tolist() == [True] * 5 + [False] and packed.index[0, 0].item() == 10
+    assert t.replace(budget=None).index is t.index
+
+
+def test_raster_flag_follows_the_default_index():
+    t = VisualTokens(x=torch.randn(2, 4, 3))
+    assert t.raster and t.replace(budget=None).raster
+    assert not t.gather(torch.tensor([[1, 0], [0, 1]])).raster
+    assert not VisualTokens(x=torch.randn(2, 4, 3), index=torch.arange(4).expand(2, 4)).raster

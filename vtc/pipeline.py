@@ -15,10 +15,20 @@ Calling a pipeline on :class:`VisualTokens` runs its ``vision`` and ``llm`` oper
 before the language model); its ``llm_layer`` operators run inside the decoder, where the
 integration calls them with a :class:`~vtc.ops.llm_layer.LayerContext` at the layers
 :meth:`Pipeline.layer_schedule` lists.
+
+Validation happens once, where tokens enter: :meth:`Pipeline.forward` (and
+:meth:`Pipeline.check_input`) checks the features, the signals the operators need and ``size``
+with one cheap pass and one host sync, then runs every operator without re-checking.
+``Pipeline(..., validate=False)`` (or ``validate=False`` per call) skips even that, and the
+operators' own structural checks: for callers that already passed the same kind of input through
+once (``vtc.apply`` after its first call). An integration that interleaves its own steps (the
+projector, LLaVA-NeXT's assembly) calls :meth:`check_input` once per stage and
+:meth:`run_op` per operator.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import os
@@ -26,13 +36,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from vtc.errors import ConfigError
+from vtc.errors import ConfigError, InputError
 from vtc.ops.base import STAGES, Operator
 from vtc.registry import create, get_op
 from vtc.taps.layers import sorted_layers
-from vtc.tokens import VisualTokens
+from vtc.tokens import VisualTokens, inputs_checked
 
 __all__ = ["Pipeline", "build", "parse_spec"]
 
@@ -40,8 +50,10 @@ __all__ = ["Pipeline", "build", "parse_spec"]
 class Pipeline(nn.Module):
     """Operators applied in order; callable on :class:`VisualTokens` (see the module docstring)."""
 
-    def __init__(self, ops: Iterable[Operator] = ()) -> None:
+    def __init__(self, ops: Iterable[Operator] = (), *, validate: bool = True) -> None:
         super().__init__()
+        #: whether :meth:`forward` validates its input (see the module docstring)
+        self.validate = bool(validate)
         ops = list(ops)
         for op in ops:
             if not isinstance(op, Operator):
@@ -78,22 +90,58 @@ class Pipeline(nn.Module):
         """Whether operator ``i`` is an allocator whose budgets the next operator fills."""
         return bool(self.ops[i].allocates and i + 1 < len(self.ops) and self.ops[i + 1].selects)
 
-    def forward(self, tokens: VisualTokens, stage: str | None = None) -> VisualTokens:
-        """Run every operator before the language model (or only those of ``stage``) in order.
-
-        ``llm_layer`` operators are skipped: they run inside the decoder (:meth:`layer_schedule`).
-        """
+    def _stage_arg(self, stage: str | None) -> None:
         if stage is not None and stage not in STAGES:
-            raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+            raise ConfigError(f"stage must be one of {', '.join(map(repr, STAGES))} (or None for all), got {stage!r}")
         if stage == "llm_layer":
             raise ConfigError(
                 "llm_layer operators run inside the language model on a LayerContext, not on VisualTokens; "
                 "use pipeline.layer_schedule(num_layers) to find which run after each decoder layer"
             )
+
+    def check_input(self, tokens: Any, stage: str | None = None) -> None:
+        """Validate ``tokens`` entering this pipeline (or its operators of ``stage``): features, the
+        signals those operators need, ``size`` and the layout (:meth:`VisualTokens.validate`)."""
+        self._stage_arg(stage)
+        if not isinstance(tokens, VisualTokens):
+            what = (f"a bare tensor of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor)
+                    else type(tokens).__name__)
+            raise InputError(
+                f"a pipeline runs on vtc.VisualTokens, got {what}; wrap the features: "
+                "vtc.VisualTokens(x=features) (add layout=, signals= as the operators need)"
+            )
+        requires: dict[str, set[int]] = {}
+        for op in self.ops:
+            if (stage is None or op.stage == stage) and op.stage != "llm_layer":
+                for sig, layers in op.requires.items():
+                    requires.setdefault(sig, set()).update(layers)
+        tokens.validate(f"pipeline '{self}'", {k: sorted(v, key=str) for k, v in requires.items()})
+
+    def run_op(self, i: int, tokens: VisualTokens, *, fast: bool | None = None) -> VisualTokens:
+        """Run operator ``i`` on tokens already checked by :meth:`check_input` (an allocator whose
+        budgets the next operator fills only allocates). ``fast`` (default: ``not self.validate``)
+        also skips the operator's structural checks."""
+        op = self.ops[i]
+        if tokens.batch_size == 0 and not op.replaces_projector:
+            return tokens
+        with inputs_checked(fast=not self.validate if fast is None else fast):
+            return op.allocate(tokens) if self.hands_off(i) else op(tokens)
+
+    def forward(self, tokens: VisualTokens, stage: str | None = None, *, validate: bool | None = None) -> VisualTokens:
+        """Run every operator before the language model (or only those of ``stage``) in order;
+        validate the input first unless ``validate`` (default: :attr:`validate`) is false.
+
+        ``llm_layer`` operators are skipped: they run inside the decoder (:meth:`layer_schedule`).
+        """
+        validate = self.validate if validate is None else validate
+        if validate:
+            self.check_input(tokens, stage)
+        else:
+            self._stage_arg(stage)
         for i, op in enumerate(self.ops):
             if (stage is not None and op.stage != stage) or op.stage == "llm_layer":
                 continue
-            tokens = op.allocate(tokens) if self.hands_off(i) else op(tokens)
+            tokens = self.run_op(i, tokens, fast=not validate)
         return tokens
 
     def stage_ops(self, stage: str) -> list[Operator]:
@@ -207,6 +255,8 @@ def parse_spec(text: str) -> list[dict[str, Any]]:
                 key, eq, val = kv.partition("=")
                 if not eq or not key.strip():
                     raise ConfigError(f"argument {kv.strip()!r} in {part!r} is not of the form name=value")
+                if key.strip() in entry:
+                    raise ConfigError(f"argument {key.strip()!r} is given twice in {part!r}; give each argument once")
                 entry[key.strip()] = val.strip()
         out.append(entry)
     return out
@@ -222,6 +272,8 @@ def _op_from_dict(d: Any) -> Operator:
         return ops[0]
     if not isinstance(d, dict) or "op" not in d:
         raise ConfigError(f"each pipeline entry needs an 'op' key naming the operator, got {d!r}")
+    if not isinstance(d["op"], str):
+        raise ConfigError(f"'op' names one operator as a string (e.g. 'divprune'), got {d['op']!r}")
     args = {k: v for k, v in d.items() if k != "op"}
     get_op(d["op"])  # unknown name -> ConfigError listing the valid ones
     return create(d["op"], **args)
@@ -234,7 +286,18 @@ def build(spec: Any) -> Pipeline:
     if isinstance(spec, Operator):
         return Pipeline([spec])
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec.strip().lower().endswith((".yaml", ".yml"))):
-        return build(_load_yaml(Path(spec)))
+        path = Path(spec).expanduser()
+        key = path.resolve()
+        stack = _LOADING.get()
+        if key in stack:
+            chain = " -> ".join(str(p) for p in (*stack, key))
+            raise ConfigError(f"pipeline file {str(path)!r} includes itself ({chain}); a pipeline file must "
+                              "list operators, or name other pipeline files without a cycle")
+        token = _LOADING.set((*stack, key))
+        try:
+            return build(_load_yaml(path))
+        finally:
+            _LOADING.reset(token)
     if isinstance(spec, str):
         if not spec.strip() or spec.strip() == "identity":
             return Pipeline([])
@@ -247,7 +310,10 @@ def build(spec: Any) -> Pipeline:
         return Pipeline([_op_from_dict(spec)])
     if isinstance(spec, Sequence):
         ops: list[Operator] = []
-        for item in spec:
+        for i, item in enumerate(spec):
+            if item is None:
+                raise ConfigError(f"pipeline entry {i} is empty (None); remove it or name an operator "
+                                  "(in YAML, a bare '-' is an empty entry)")
             ops.extend(build(item).ops)
         return Pipeline(ops)
     if spec is None:
@@ -258,13 +324,18 @@ def build(spec: Any) -> Pipeline:
     )
 
 
+_LOADING: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("vtc_pipeline_files", default=())
+
+
 def _load_yaml(path: Path) -> Any:
-    import yaml
+    from vtc.registry import yaml_load
 
     if not path.is_file():
         raise ConfigError(f"pipeline file {str(path)!r} does not exist")
+    import yaml
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"pipeline file {str(path)!r} is not valid YAML: {e}") from e
     if data is None:

@@ -10,6 +10,8 @@ Unknown names and arguments raise :class:`~vtc.errors.ConfigError` listing the v
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -19,7 +21,7 @@ from vtc.errors import ConfigError
 if TYPE_CHECKING:
     from vtc.ops.base import Operator
 
-__all__ = ["register", "get_op", "list_ops", "create", "make_config"]
+__all__ = ["register", "get_op", "list_ops", "create", "make_config", "yaml_load"]
 
 _REGISTRY: dict[str, type[Operator]] = {}
 
@@ -90,6 +92,32 @@ def create(name: str, **kwargs: Any) -> Operator:
     return cls(make_config(cls, kwargs))
 
 
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that rejects a mapping naming the same key twice (PyYAML keeps the last).
+
+    The document is composed with the safe loader first (nodes only, nothing constructed) to find
+    repeated keys, then loaded with ``yaml.safe_load``.
+    """
+    import yaml
+
+    def walk(node: Any) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is given twice; give each key once", key_node.start_mark)
+                seen.add(key)
+                walk(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader))
+    return yaml.safe_load(text)
+
+
 def _parse_scalar_string(value: str) -> Any:
     import yaml
 
@@ -110,6 +138,12 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return None
         if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
             return None
+        alts = [a for a in args if a is not type(None)]
+        if len(alts) == 1:  # Optional[X]: X's own message says what is wrong
+            try:
+                return coerce(value, alts[0], where)
+            except ConfigError as e:
+                raise ConfigError(f"{e}{' (or none)' if type(None) in args else ''}") from None
         errors = []
         # try the exact python type first so "1" does not become True
         for a in sorted((a for a in args if a is not type(None)), key=lambda a: a is str):
@@ -129,12 +163,16 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        # numbers.Integral/Real cover numpy scalars (np.int64(5)); NaN and infinities are no count
+        if (_is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(float(value))
+                or int(value) != value):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if _is_bool(value) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if math.isnan(float(value)):
+            raise ConfigError(f"{where}: expected a number, got NaN")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -157,5 +195,20 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(f"{where}: cannot use {value!r} as {_type_name(hint)}")
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool too
+
+
 def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(map(repr, typing.get_args(hint)))
+    if origin in (Union, types.UnionType):
+        parts = [_type_name(a) for a in typing.get_args(hint) if a is not type(None)]
+        if type(None) in typing.get_args(hint):
+            parts.append("None")
+        return " | ".join(parts)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]" if args else origin.__name__
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

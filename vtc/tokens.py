@@ -11,13 +11,23 @@ left of each row and ``mask`` marks them (``None`` means every token is valid). 
 (:meth:`VisualTokens.gather`, :meth:`~VisualTokens.keep_mask`, :meth:`~VisualTokens.merge`,
 :meth:`~VisualTokens.split_groups`, ...) keep every field and every signal aligned, so operators
 never index fields by hand.
+
+Checks cost device time (a host sync each on a GPU), so they happen where tokens enter:
+constructing ``VisualTokens`` checks shapes and dtypes (and packs a mask), :meth:`VisualTokens.validate`
+checks the data (finite features and signals, positive sizes) with one min/max pass and one sync,
+and a pipeline or an operator called on its own runs it once, then its operators inside
+:func:`inputs_checked`, where the helpers skip their own data checks. Operators and integrations
+build their outputs with :meth:`VisualTokens.unchecked`. ``size`` is kept in float32 (float64 for
+float64 features) whatever the features' dtype.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +36,44 @@ from torch import Tensor
 
 from vtc.errors import InputError, LayoutError
 
-__all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES"]
+__all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES", "inputs_checked", "checking", "checking_structure"]
+
+#: 0: check everything (the default); 1: the data were validated where they entered (skip data
+#: checks, keep structural ones); 2: fast mode (skip every check)
+_CHECKED: contextvars.ContextVar[int] = contextvars.ContextVar("vtc_inputs_checked", default=0)
+
+
+@contextmanager
+def inputs_checked(fast: bool = False) -> Iterator[None]:
+    """Run a block whose tokens were validated where they entered (:meth:`VisualTokens.validate`).
+
+    A :class:`~vtc.pipeline.Pipeline` (or an operator called on its own) checks its input once and
+    runs its operators inside this block; there :meth:`VisualTokens.check_finite` and the other
+    data checks of the helpers (each a host sync on a GPU) are skipped. ``fast=True`` (a pipeline's
+    ``validate=False`` mode) also skips the operators' structural checks (e.g. that an allocator
+    sees complete partitions), which a first validated call has already passed.
+    """
+    token = _CHECKED.set(2 if fast else max(1, _CHECKED.get()))
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def checking() -> bool:
+    """Whether data checks should run (false inside :func:`inputs_checked`)."""
+    return _CHECKED.get() == 0
+
+
+def checking_structure() -> bool:
+    """Whether operators' structural checks should run (false only in fast mode)."""
+    return _CHECKED.get() < 2
+
+
+def size_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``size`` is kept in: float64 for float64 features, else float32 (sizes are patch
+    counts; bf16 cannot hold 289)."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 #: How a signal is combined when tokens are merged. Attention mass is additive (a merged token
 #: receives the attention of all its members); everything else is a size-weighted mean.
@@ -137,6 +184,16 @@ class VisualTokens:
 
     # ------------------------------------------------------------------ construction / checks
     def __post_init__(self) -> None:
+        self._normalise(pack=True, check_budget=True)
+
+    def _normalise(self, *, pack: bool, check_budget: bool, fields: Sequence[str] | None = None) -> None:
+        """Check and normalise the fields named in ``fields`` (all by default); ``pack``: move padding
+        right (a host sync when a mask is set), ``check_budget``: reject negative budgets (one too)."""
+        todo = set(fields) if fields is not None else None
+
+        def want(name: str) -> bool:
+            return todo is None or name in todo
+
         x = self.x
         if not isinstance(x, Tensor):
             raise InputError(f"VisualTokens.x must be a torch.Tensor, got {type(x).__name__}")
@@ -148,27 +205,32 @@ class VisualTokens:
         B, N = x.shape[:2]
         dev = x.device
         if self.index is None:
-            self.index = torch.arange(N, device=dev).expand(B, N)
-        self.index = self._check_field("index", self.index, (B, N), integral=True)
-        if self.mask is not None:
+            self.index = _raster_index(B, N, dev)
+        if want("index") or want("x"):
+            self.index = self._check_field("index", self.index, (B, N), integral=True)
+        if self.mask is not None and (want("mask") or want("x")):
             self.mask = self._check_field("mask", self.mask, (B, N), boolean=True)
-        if self.size is not None:
+        if self.size is not None and (want("size") or want("x")):
             self.size = self._check_field("size", self.size, (B, N))
-            if not self.size.is_floating_point():
-                self.size = self.size.to(x.dtype)
-        if self.group is not None:
+            sd = size_dtype(x.dtype)
+            if not self.size.is_floating_point() or torch.finfo(self.size.dtype).bits < torch.finfo(sd).bits:
+                self.size = self.size.to(sd)
+        if self.group is not None and (want("group") or want("x")):
             self.group = self._check_field("group", self.group, (B, N), integral=True)
-        self.layout = _as_layouts(self.layout, B)
-        sig: dict[str, dict[int, Tensor]] = {}
-        for name, per_layer in (self.signals or {}).items():
-            if isinstance(per_layer, Tensor):
-                raise InputError(
-                    f"signals[{name!r}] must map a layer number to a tensor, e.g. {{22: t}}, not be a tensor itself"
-                )
-            sig[name] = {int(l): self._check_field(f"signals[{name!r}][{l}]", t, (B, N), trailing=True)
-                         for l, t in per_layer.items()}
-        self.signals = sig
-        if self.budget is not None:
+        if want("layout") or want("x"):
+            self.layout = _as_layouts(self.layout, B)
+        if want("signals") or want("x"):
+            sig: dict[str, dict[int, Tensor]] = {}
+            for name, per_layer in (self.signals or {}).items():
+                if not isinstance(per_layer, Mapping):
+                    raise InputError(
+                        f"signals[{name!r}] must map a layer number to a tensor, e.g. {{22: t}}, not be a "
+                        f"{type(per_layer).__name__}"
+                    )
+                sig[name] = {int(l): self._check_field(f"signals[{name!r}][{l}]", t, (B, N), trailing=True)
+                             for l, t in per_layer.items()}
+            self.signals = sig
+        if self.budget is not None and (want("budget") or want("x")):
             b = self.budget
             if not isinstance(b, Tensor):
                 b = torch.as_tensor(b, device=dev)
@@ -176,11 +238,32 @@ class VisualTokens:
                 b = b.unsqueeze(1)
             if b.dim() != 2 or b.shape[0] != B or b.is_floating_point():
                 raise InputError(f"budget must be an integer [B, G] tensor with B={B}, got shape {tuple(b.shape)}")
-            if (b < 0).any():
+            if check_budget and b.numel() and bool((b < 0).any()):
                 raise InputError("budget holds negative counts; a partition's budget is a count of tokens >= 0")
             self.budget = b.to(device=dev, dtype=torch.long)
-        if self.mask is not None:
+        if pack and self.mask is not None:
             self._pack_left()
+
+    @classmethod
+    def unchecked(cls, x: Tensor, mask: Tensor | None = None, index: Tensor | None = None,
+                  size: Tensor | None = None, group: Tensor | None = None, layout: Any = None,
+                  signals: dict[str, dict[int, Tensor]] | None = None, budget: Tensor | None = None,
+                  layer_space: Any = None) -> VisualTokens:
+        """Build without any check (no host sync, almost no host time): for operators and integrations
+        whose fields are already well-formed (``[B, N, D]`` features, left-packed bool mask, long
+        ``index``/``group``, ``size`` in :func:`size_dtype`, a ``Layout`` or tuple of one per image,
+        ``[B, G]`` long budget)."""
+        obj = cls.__new__(cls)
+        obj.x = x
+        obj.mask = mask
+        obj.index = _raster_index(x.shape[0], x.shape[1], x.device) if index is None else index
+        obj.size = size
+        obj.group = group
+        obj.layout = layout
+        obj.signals = {} if signals is None else signals
+        obj.budget = budget
+        obj.layer_space = layer_space
+        return obj
 
     @staticmethod
     def _check_field(name: str, t: Any, shape: tuple[int, int], *, integral: bool = False,
@@ -208,17 +291,99 @@ class VisualTokens:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(packed, f.name))
 
-    def check_finite(self, op: str = "operator") -> None:
-        """Raise :class:`InputError` if a valid token's features hold NaN or Inf."""
-        bad = ~torch.isfinite(self.x).all(-1)
-        if self.mask is not None:
-            bad &= self.mask
-        if bool(bad.any()):
+    def validate(self, where: str = "operator", signals: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Check the data once, where tokens enter a pipeline or an operator: the valid tokens'
+        features and the ``signals`` named (``{name: [layers]}``; default every signal) are finite
+        and ``size`` is finite and positive. Raise :class:`InputError` naming the first bad token.
+        (Whether tokens fit their ``layout`` is checked by the geometry helpers that read it:
+        :meth:`grid_position`, :meth:`check_layout`.)
+
+        Cost: one min/max pass over each checked tensor, one host sync; the detailed (slower) scan runs
+        only when that pass finds something."""
+        if self.x.numel() == 0:
+            return
+        flags = self._check_flags(signals)
+        if flags and not bool(torch.stack(flags).all()):
+            self._diagnose(where, signals)
+
+    def _checked_signals(self, signals: Mapping[str, Sequence[Any]] | None) -> list[tuple[str, int, Tensor]]:
+        """``(name, layer, tensor)`` of the recorded signals named in ``signals`` (layers as operators
+        give them: resolved with :attr:`layer_space`; those not recorded are left to :meth:`signal`)."""
+        out = []
+        for name, per_layer in self.signals.items():
+            if signals is None:
+                layers = list(per_layer)
+            else:
+                layers = []
+                for l in signals.get(name, ()):
+                    if l not in per_layer and self.layer_space is not None:
+                        try:
+                            l = self.layer_space.resolve(l, where="validation")
+                        except Exception:  # noqa: BLE001 - an unknown layer is reported by signal()
+                            continue
+                    if l in per_layer and l not in layers:
+                        layers.append(l)
+            out.extend((name, l, per_layer[l]) for l in layers)
+        return out
+
+    def _check_flags(self, signals: Mapping[str, Sequence[int]] | None) -> list[Tensor]:
+        """0-dim bool tensors, all true when the data passes (no sync here)."""
+        flags = []
+        for t in [self.x] + [s for _, _, s in self._checked_signals(signals)]:
+            if t.numel() and t.is_floating_point():
+                lo, hi = torch.aminmax(t)
+                flags.append(torch.isfinite(lo) & torch.isfinite(hi))
+        if self.size is not None:
+            s = self.size if self.mask is None else self.size.masked_fill(~self.mask, 1)
+            lo, hi = torch.aminmax(s)
+            flags.append((lo > 0) & (hi < math.inf))
+        return flags
+
+    def _diagnose(self, where: str, signals: Mapping[str, Sequence[int]] | None) -> None:
+        """The detailed scan behind :meth:`validate`: raise naming the first bad token (padding is ignored)."""
+        valid = self.valid
+
+        def first(bad: Tensor) -> tuple[int, int, int] | None:
+            bad = bad & valid
+            if not bool(bad.any()):
+                return None
             b, n = (int(v) for v in bad.nonzero()[0])
+            return b, n, int(bad.sum())
+
+        hit = first(~torch.isfinite(self.x).all(-1))
+        if hit:
             raise InputError(
-                f"{op}: features hold NaN/Inf (first at image {b}, token {n}, {int(bad.sum())} tokens in all); "
+                f"{where}: features hold NaN/Inf (first at image {hit[0]}, token {hit[1]}, {hit[2]} tokens in all); "
                 "check the vision tower's dtype (fp16 overflow) and its inputs"
             )
+        for name, layer, s in self._checked_signals(signals):
+            if not s.is_floating_point():
+                continue
+            hit = first(~torch.isfinite(s).reshape(*s.shape[:2], -1).all(-1))
+            if hit:
+                raise InputError(
+                    f"{where}: signals[{name!r}][{layer}] holds NaN/Inf (first at image {hit[0]}, token {hit[1]}, "
+                    f"{hit[2]} tokens in all); check the vision tower's dtype (fp16 overflow) and the tap that recorded it"
+                )
+        if self.size is not None:
+            hit = first(~(torch.isfinite(self.size) & (self.size > 0)))
+            if hit:
+                v = float(self.size[hit[0], hit[1]])
+                raise InputError(
+                    f"{where}: size must be a finite count > 0 of the patches each token stands for, but it is {v} "
+                    f"at image {hit[0]}, token {hit[1]} ({hit[2]} tokens in all); leave size=None for unmerged tokens"
+                )
+
+    def check_finite(self, op: str = "operator", signals: Mapping[str, Sequence[int]] | None = None) -> None:
+        """:meth:`validate` unless the caller already validated these tokens (:func:`inputs_checked`)."""
+        if checking():
+            self.validate(op, signals)
+
+    @property
+    def raster(self) -> bool:
+        """Whether ``index`` is known, on the host, to be ``0..N-1`` in every row (it was left to its
+        default): the tokens are in their original order. False means unknown."""
+        return getattr(self.index, "_vtc_raster", False)
 
     # ------------------------------------------------------------------ basic facts
     @property
@@ -254,9 +419,9 @@ class VisualTokens:
 
     @property
     def sizes(self) -> Tensor:
-        """``[B, N]``: :attr:`size`, or ones."""
+        """``[B, N]``: :attr:`size`, or ones (in :func:`size_dtype`)."""
         if self.size is None:
-            return torch.ones(self.x.shape[:2], dtype=self.x.dtype, device=self.device)
+            return torch.ones(self.x.shape[:2], dtype=size_dtype(self.x.dtype), device=self.device)
         return self.size
 
     @property
@@ -309,7 +474,18 @@ class VisualTokens:
         return per_layer[key]
 
     def replace(self, **changes: Any) -> VisualTokens:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; only the changed fields are checked (inside :func:`inputs_checked`:
+        none), so ``replace(budget=None)`` costs no device work."""
+        out = VisualTokens.unchecked(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        for k, v in changes.items():
+            if k not in _FIELDS:
+                raise InputError(f"VisualTokens has no field {k!r}; fields: {', '.join(_FIELDS)}")
+            setattr(out, k, v)
+        if checking():
+            out._normalise(pack="mask" in changes, check_budget="budget" in changes, fields=list(changes))
+        elif out.index is None:
+            out.index = _raster_index(out.x.shape[0], out.x.shape[1], out.x.device)
+        return out
 
     def to(self, *args: Any, **kwargs: Any) -> VisualTokens:
         """Move every tensor (``x`` and float signals/size get the dtype, if one is given)."""
@@ -338,15 +514,17 @@ class VisualTokens:
             layer_space=self.layer_space,
         )
         out.update(overrides)
-        return VisualTokens(**out)
+        return VisualTokens.unchecked(**out)
 
     # ------------------------------------------------------------------ keeping tokens
-    def gather(self, idx: Tensor, valid: Tensor | None = None) -> VisualTokens:
+    def gather(self, idx: Tensor, valid: Tensor | None = None, *, some_invalid: bool | None = None) -> VisualTokens:
         """Tokens at positions ``idx`` ``[B, K]`` of each row, in that order.
 
         ``valid`` ``[B, K]`` marks real entries (padding entries may hold any index and must come
         after the real ones in each row). Every field and signal is gathered; ``budget`` and
-        ``layout`` are kept as they are.
+        ``layout`` are kept as they are. Without ``valid`` (every entry real) and without a mask
+        this costs one indexing op per field and no host sync; ``some_invalid`` (whether ``valid``
+        holds a false entry, when the caller knows) saves the sync that finds out.
         """
         B = self.batch_size
         if idx.dim() != 2 or idx.shape[0] != B:
@@ -359,11 +537,16 @@ class VisualTokens:
         def take(t: Tensor) -> Tensor:
             g = t[rows, idx]
             if valid is not None and g.is_floating_point():
-                g = g.masked_fill(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)
+                g.masked_fill_(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)  # g is a fresh copy
             return g
 
-        new_mask = None if valid is None or bool(valid.all()) else valid
-        if self.mask is not None:
+        if valid is None:
+            new_mask = None
+        elif some_invalid is None:
+            new_mask = None if bool(valid.all()) else valid
+        else:
+            new_mask = valid if some_invalid else None
+        if self.mask is not None and checking():
             taken = self.mask[rows, idx] if valid is None else self.mask[rows, idx] & valid
             if bool((taken != (valid if valid is not None else True)).any()):
                 raise InputError("gather picked padding positions; keep indices must point at valid tokens")
@@ -379,7 +562,8 @@ class VisualTokens:
         valid = torch.arange(K, device=self.device).unsqueeze(0) < n.unsqueeze(1)
         return self.gather(order, valid)
 
-    def merge(self, assign: Tensor, rep: Tensor, slot_valid: Tensor | None = None) -> VisualTokens:
+    def merge(self, assign: Tensor, rep: Tensor, slot_valid: Tensor | None = None, *,
+              complete: bool = False) -> VisualTokens:
         """Merge tokens into slots.
 
         ``assign`` ``[B, N]``: the output slot of each token (``-1`` drops it; padding is ignored).
@@ -387,48 +571,59 @@ class VisualTokens:
         ``index`` and ``group`` the merged token takes. ``slot_valid`` ``[B, M]`` marks real slots
         (left-packed; default all). Features and signals are combined with size weights (signals
         follow :data:`SIGNAL_MERGE_RULES`), and ``size`` becomes the sum of member sizes.
+        ``complete``: the caller guarantees that there is no padding, every ``assign`` is a slot
+        ``>= 0`` and every slot gets a member (fewer ops: no dropped-token bookkeeping).
         """
         B, N = assign.shape
         M = rep.shape[1]
         dev = self.device
-        live = (assign >= 0) & self.valid
-        slot = torch.where(live, assign, torch.full_like(assign, M))  # M = trash slot
-        w = self.sizes * live.to(self.sizes.dtype)
+        if complete:
+            live, slot, S, w = None, assign, M, self.sizes
+        else:
+            live = (assign >= 0) & self.valid
+            slot, S = torch.where(live, assign, torch.full_like(assign, M)), M + 1  # M = trash slot
+            w = self.sizes * live.to(self.sizes.dtype)
+        new_size_all = torch.zeros(B, S, dtype=w.dtype, device=dev).scatter_add_(1, slot, w)
+        den_cache: dict[torch.dtype, Tensor] = {}
+
+        def den(acc: torch.dtype) -> Tensor:  # the slots' total size, shared by every "mean" field
+            if acc not in den_cache:
+                d = new_size_all.to(acc)
+                den_cache[acc] = d if complete else d.clamp_min(torch.finfo(acc).tiny)
+            return den_cache[acc]
 
         def reduce(t: Tensor, rule: str) -> Tensor:
             tail = t.shape[2:]
             ones = [1] * len(tail)
             idx = slot.view(B, N, *ones).expand(B, N, *tail)
             if rule == "sum":  # attention-like mass: the members' values add up
-                out = torch.zeros(B, M + 1, *tail, dtype=t.dtype, device=dev)
-                out.scatter_add_(1, idx, t * live.view(B, N, *ones).to(t.dtype))
-                return out[:, :M]
-            if rule == "mean":  # size-weighted mean
-                ww = w.view(B, N, *ones).to(t.dtype)
-                num = torch.zeros(B, M + 1, *tail, dtype=t.dtype, device=dev).scatter_add_(1, idx, t * ww)
-                den = torch.zeros(B, M + 1, *ones, dtype=t.dtype, device=dev)
-                den.scatter_add_(1, slot.view(B, N, *ones), ww)
-                return (num / den.clamp_min(torch.finfo(t.dtype).tiny))[:, :M]
+                src = t if live is None else t * live.view(B, N, *ones).to(t.dtype)
+                return torch.zeros(B, S, *tail, dtype=t.dtype, device=dev).scatter_add_(1, idx, src)[:, :M]
+            if rule == "mean":  # size-weighted mean, accumulated in at least float32
+                acc = torch.promote_types(t.dtype, w.dtype)
+                num = torch.zeros(B, S, *tail, dtype=acc, device=dev).scatter_add_(
+                    1, idx, t.to(acc) * w.view(B, N, *ones).to(acc))
+                return (num / den(acc).view(B, S, *ones))[:, :M].to(t.dtype)
             src = t if t.is_floating_point() else t.to(torch.float64)
             fill = float("inf") if rule == "min" else float("-inf")
-            out = torch.full((B, M + 1, *tail), fill, dtype=src.dtype, device=dev)
+            out = torch.full((B, S, *tail), fill, dtype=src.dtype, device=dev)
             out.scatter_reduce_(1, idx, src, reduce="amin" if rule == "min" else "amax", include_self=True)
             return out[:, :M].to(t.dtype)
 
-        new_size = torch.zeros(B, M + 1, dtype=w.dtype, device=dev).scatter_add_(1, slot, w)[:, :M]
         rows = torch.arange(B, device=dev).unsqueeze(1)
-        rep = rep.long().clamp(0, N - 1)
+        if not complete:
+            rep = rep.long().clamp(0, N - 1)
         signals = {}
         for name, per_layer in self.signals.items():
             rule = SIGNAL_MERGE_RULES.get(name, "mean")
             if rule not in _MERGE_RULES:
                 raise InputError(f"unknown merge rule {rule!r} for signal {name!r}; use one of {_MERGE_RULES}")
             signals[name] = {l: reduce(t, rule) for l, t in per_layer.items()}
-        out = VisualTokens(
+        out = VisualTokens.unchecked(
             x=reduce(self.x, "mean"),
             mask=slot_valid,
             index=self.index[rows, rep],
-            size=new_size,
+            size=new_size_all[:, :M],
             group=None if self.group is None else self.group[rows, rep],
             layout=self.layout,
             signals=signals,
@@ -499,7 +694,7 @@ class VisualTokens:
         def take(t: Tensor) -> Tensor:
             g = t[0][flat]
             if g.is_floating_point():
-                g = g.masked_fill(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)
+                g.masked_fill_(~valid.view(*valid.shape, *([1] * (g.dim() - 2))), 0)  # g is a fresh copy
             return g
         return self._map(take, mask=valid, budget=None)
 
@@ -546,40 +741,107 @@ class VisualTokens:
                    budget=fields.get("budget"), layer_space=fields.get("layer_space"), **kw)
 
     # ------------------------------------------------------------------ grid geometry
+    def uniform_grid(self) -> tuple[int, int, int] | None:
+        """``(P, h, w)`` when every image shares one layout whose ``P`` partitions are all ``h x w``
+        (LLaVA-1.5: ``(1, 24, 24)``; LLaVA-NeXT 2x2: ``(5, 24, 24)``), else None. Host facts only."""
+        lays = self.layouts()
+        lay = lays[0] if lays else None
+        if lay is None or any(other is not lay and other != lay for other in lays[1:]):
+            return None
+        if any(g != lay.grids[0] for g in lay.grids[1:]):
+            return None
+        return lay.num_partitions, lay.grids[0][0], lay.grids[0][1]
+
+    def _grid_table(self, check: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(offset, h, w)`` of each token's partition, each broadcastable to ``[B, N]``; ``check``:
+        raise :class:`LayoutError` when a valid token lies outside its partition's grid (host sync)."""
+        B, N = self.x.shape[:2]
+        dev = self.device
+        if B == 0:
+            z = torch.zeros(0, N, dtype=torch.long, device=dev)
+            return z, z + 1, z + 1
+        layouts = self.layouts()
+        if all(lay is None for lay in layouts):
+            n_orig = int(self.index.max().item()) + 1 if self.index.numel() else N
+            layouts = [Layout.square(max(n_orig, N))] * B
+        if any(lay is None for lay in layouts):
+            raise LayoutError("some images in the batch have a layout and others none; give every image a layout")
+        shared = all(lay is layouts[0] or lay == layouts[0] for lay in layouts)
+        if shared and layouts[0].num_partitions == 1:
+            off_t, h_t, w_t = _layout_table(layouts[0], 1, dev)[0].unbind()
+            if check:
+                self._check_local(self.index, h_t * w_t)
+            return off_t, h_t, w_t
+        P = max(lay.num_partitions for lay in layouts)
+        group = self.group if self.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
+        if check and bool(((group >= P) & self.valid).any()):
+            raise LayoutError(f"a token's partition id is >= the {P} partitions its layout describes")
+        g = group.clamp(0, P - 1)
+        if shared:
+            tab = _layout_table(layouts[0], P, dev)[g]  # [B, N, 3]
+        else:
+            rows = [list(_layout_rows(lay, P)) for lay in layouts]
+            tab = torch.tensor(rows, dtype=torch.long, device=dev)[torch.arange(B, device=dev).unsqueeze(1), g]
+        off, h, w = tab.unbind(-1)
+        if check:
+            self._check_local(self.index - off, h * w)
+        return off, h, w
+
+    def check_layout(self) -> None:
+        """Raise :class:`LayoutError` when a valid token lies outside its partition's grid (one host
+        sync; what :meth:`grid_position` checks, for code that reads the layout without it)."""
+        self._grid_table(check=True)
+
+    def _check_local(self, local: Tensor, hw: Tensor) -> None:
+        bad = (local < 0) | (local >= hw)
+        if self.mask is not None:
+            bad = bad & self.mask
+        if bool(bad.any()):
+            raise LayoutError(
+                "token indices fall outside their partition's grid; the layout does not describe these tokens "
+                "(for LLaVA-NeXT, index is the position in the concatenation of all partitions' patch tokens)"
+            )
+
     def grid_position(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(row, col, h, w)`` ``[B, N]`` long: each token's cell in its partition's grid.
 
         Uses ``layout`` (one per image or shared). Without a layout, a single square grid holding
         every original token is assumed, which needs a perfect-square token count.
         """
-        B, N = self.x.shape[:2]
-        dev = self.device
-        group = self.group if self.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
-        layouts = self.layouts()
-        if all(lay is None for lay in layouts):
-            n_orig = int(self.index.max().item()) + 1 if self.index.numel() else N
-            n_orig = max(n_orig, N)
-            layouts = [Layout.square(n_orig)] * B
-        if any(lay is None for lay in layouts):
-            raise LayoutError("some images in the batch have a layout and others none; give every image a layout")
-        P = max(lay.num_partitions for lay in layouts)
-        tab = torch.zeros(B, P, 3, dtype=torch.long)  # offset, h, w per (image, partition)
-        for b, lay in enumerate(layouts):
-            for p, ((h, w), off) in enumerate(zip(lay.grids, lay.offsets)):
-                tab[b, p] = torch.tensor([off, h, w])
-        tab = tab.to(dev)
-        if bool(((group >= P) & self.valid).any()):
-            raise LayoutError(f"a token's partition id is >= the {P} partitions its layout describes")
-        g = group.clamp(0, P - 1)
-        rows = torch.arange(B, device=dev).unsqueeze(1)
-        off, h, w = (tab[rows, g, i] for i in range(3))
+        off, h, w = self._grid_table(check=checking_structure())
         local = self.index - off
-        if bool((((local < 0) | (local >= h * w)) & self.valid).any()):
-            raise LayoutError(
-                "token indices fall outside their partition's grid; the layout does not describe these tokens "
-                "(for LLaVA-NeXT, index is the position in the concatenation of all partitions' patch tokens)"
-            )
-        return local // w, local % w, h, w
+        shape = self.index.shape
+        return local // w, local % w, h.expand(shape), w.expand(shape)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(VisualTokens))
+
+
+def _raster_index(B: int, N: int, device: torch.device) -> Tensor:
+    """The default ``index``: ``arange(N)`` per row, marked so :attr:`VisualTokens.raster` knows it."""
+    idx = torch.arange(N, device=device).expand(B, N)
+    idx._vtc_raster = True
+    return idx
+
+
+def _layout_rows(layout: Layout, P: int) -> list[tuple[int, int, int]]:
+    """``(offset, h, w)`` per partition, padded to ``P`` rows (repeating the last)."""
+    rows = [(off, h, w) for (h, w), off in zip(layout.grids, layout.offsets)]
+    return rows + [rows[-1]] * (P - len(rows))
+
+
+_TABLES: dict[tuple[Layout, int, torch.device], Tensor] = {}
+
+
+def _layout_table(layout: Layout, P: int, device: torch.device) -> Tensor:
+    """``[P, 3]`` long ``(offset, h, w)`` per partition on ``device``, cached per layout."""
+    key = (layout, P, device)
+    t = _TABLES.get(key)
+    if t is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        t = _TABLES[key] = torch.tensor(_layout_rows(layout, P), dtype=torch.long, device=device)
+    return t
 
 
 def _pack_by_key(key: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:

@@ -40,7 +40,8 @@ def test_vqav2(tmp_path):
     (rec,) = _lines(out)
     assert rec == {"id": 420, "image": "../val2014/COCO_val2014_000000000042.jpg", "question": "What color?",
                    "answers": ["red"] * 10, "question_type": "other"}
-    (q,) = load_jsonl("val", out.parent, path="val.jsonl")  # the loader resolves the relative path
+    # the loader resolves the relative path; it leaves the JSONL's folder, which the user must allow
+    (q,) = load_jsonl("val", out.parent, path="val.jsonl", allow_absolute_paths=True)
     assert Path(q.image) == (tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
 
 

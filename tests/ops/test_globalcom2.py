@@ -267,3 +267,29 @@ def test_selectors_fill_globalcom2_budgets(selector):
             assert got[0] == gh * min(8, budget[0] // gh)
         else:
             assert got == budget, spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_official_half_precision_thumbnail_is_torchs_argsort(dtype):
+    """compat='official' ranks the thumbnail as the official code does, ``argsort(s, descending=True)``
+    on the logits in their own dtype, ties in torch's own order (a stable sort keeps other tokens)."""
+    g = torch.Generator().manual_seed(9)
+    differs = 0
+    s = {23: (3 * torch.randn(3, 576, generator=g)).to(dtype)}
+    tok = VisualTokens(x=torch.randn(3, 576, 4, generator=g), signals={"cls_logits": s})
+    out = vtc.create("globalcom2")(tok)
+    for b in range(3):
+        want = torch.argsort(s[23][b], descending=True)[:144].tolist()
+        assert out.index[b].tolist() == want
+        differs += want != torch.sort(s[23][b], descending=True, stable=True).indices[:144].tolist()
+    # AnyRes: the thumbnail's tokens come first, in that order
+    nh, nw, side = 2, 2, 24
+    P, N = 1 + nh * nw, side * side
+    logits = (3 * torch.randn(1, P * N, generator=g)).to(dtype)
+    tok = VisualTokens(x=torch.randn(1, P * N, 4, generator=g), group=(torch.arange(P * N) // N).unsqueeze(0),
+                       layout=Layout.for_anyres(side, (nh, nw), image_size=(300, 500)),
+                       signals={"cls_logits": {23: logits}})
+    want = torch.argsort(logits[0, :N], descending=True)[:144].tolist()
+    assert vtc.create("globalcom2")(tok).index[0, :144].tolist() == want
+    differs += want != torch.sort(logits[0, :N], descending=True, stable=True).indices[:144].tolist()
+    assert differs > 0

@@ -139,3 +139,25 @@ def test_needs_a_grid():
         _op(4)(VisualTokens(x=torch.randn(1, 10, 2)))
     one = image(grid_tokens([12], 3, 4, seed=8, full=True), 0)
     assert one.layout == Layout.grid(3, 4) and _op(4)(one).counts.tolist() == [4]
+
+
+def test_budget_is_never_exceeded_on_tall_or_wide_grids():
+    """Issue 16 item 6: gh = floor(sqrt(k*h/w)) can exceed k on a tall grid (4x1, keep=1 gave 2)."""
+    assert _op(1)(VisualTokens(x=torch.randn(1, 4, 2), layout=Layout.grid(4, 1))).counts.tolist() == [1]
+    for h, w in ((4, 1), (9, 1), (7, 2), (5, 2), (1, 6), (2, 7), (3, 3), (6, 4)):
+        t = VisualTokens(x=torch.randn(2, h * w, 2, dtype=torch.float64), layout=Layout.grid(h, w))
+        for k in range(1, h * w):
+            n = _op(k)(t).counts.tolist()
+            assert max(n) <= k, (h, w, k, n)
+            # the same on a pruned (padded) batch, which takes the general path
+            pruned = VisualTokens(x=t.x, layout=t.layout, mask=torch.arange(h * w).expand(2, -1) < h * w - 1)
+            assert max(_op(k)(pruned).counts.tolist()) <= k
+
+
+def test_bf16_sizes_count_exactly():
+    """Issue 16 item 10: sizes are kept in float32 for half-precision features (bf16 cannot hold 289)."""
+    t = VisualTokens(x=torch.randn(1, 289, 8).bfloat16(), layout=Layout.grid(17))
+    out = _op(1)(t)
+    assert out.size.dtype == torch.float32 and out.size.tolist() == [[289.0]] and out.x.dtype == torch.bfloat16
+    torch.testing.assert_close(out.x[0, 0].float(), t.x[0].float().mean(0), rtol=1e-2, atol=1e-2)
+    assert _op(keep=4)(t.replace(x=t.x.half())).size.dtype == torch.float32

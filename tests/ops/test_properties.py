@@ -16,6 +16,8 @@ each image gives alone.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from hypothesis import strategies as st
 
 import vtc
 from vtc import Layout
-from vtc.errors import InputError, SignalError
+from vtc.errors import BudgetError, InputError, SignalError
 from vtc.registry import get_op
 
 #: operators that need model-specific inputs synthetic tokens cannot provide: name -> reason
@@ -60,7 +62,9 @@ NOT_CONSERVATIVE = {"visionzip": "a contextual token is its target plus the mean
 
 #: in-LLM operators (stage llm_layer) decide on a LayerContext, not on VisualTokens (tests/ops/test_llm_layer.py)
 OPS = [name for name in vtc.list_ops() if name not in SKIP and get_op(name).default_stage != "llm_layer"]
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+#: examples per operator and test; ``VTC_PROPERTY_EXAMPLES=300`` for a thorough run by hand
+EXAMPLES = int(os.environ.get("VTC_PROPERTY_EXAMPLES", "25"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -146,6 +150,8 @@ def check_invariants(name, op, t, out, case):
         elif name == "m3":
             for p in range(case["parts"]):
                 assert int((ro["group"] == p).sum()) <= op.config.keep
+        elif case.get("limits") is not None:
+            assert case["limits"][b][0] <= n_out <= case["limits"][b][1], (n_out, case["limits"][b])
         elif op.selects:
             k = op.config.keep if getattr(op.config, "keep", None) is not None else case["k"]
             assert n_out <= k
@@ -250,3 +256,86 @@ def test_config_round_trips(name):
     assert vtc.build(p.spec()) == p == vtc.build(str(p))
     assert op.stage in ("vision", "llm") and isinstance(op.requires, dict)
     assert len(p.hash) == 12 and int(p.hash, 16) >= 0
+
+
+# ---------------------------------------------------------------------- every budget form, merged inputs
+def budget_forms(name: str) -> list[str]:
+    """The ways operator ``name`` takes a budget: ``keep``/``ratio`` where its config has them, plus
+    pool's ``grid`` and tome's ``r``."""
+    fields = {f.name for f in dataclasses.fields(get_op(name).Config)}
+    forms = [f for f in ("keep", "ratio", "grid", "r") if f in fields]
+    return forms or ["default"]
+
+
+def form_args(name: str, form: str, draw, h: int, parts: int) -> dict:
+    if form == "keep":
+        k = draw(st.integers(1, parts * h * h + 3))
+        return _m3_args(k, h, parts) if name == "m3" else {"keep": k}
+    if form == "ratio":
+        return {"ratio": draw(st.sampled_from([1.0, 0.5, 0.25, 0.098]) | st.floats(0.01, 1.0))}
+    if form == "grid":
+        return {"grid": [draw(st.integers(1, h + 1)), draw(st.integers(1, h + 1))]}
+    if form == "r":
+        return {"r": draw(st.integers(1, parts * h * h))}
+    return {}
+
+
+def limits(name: str, op, t, args: dict, h: int, parts: int, anyres: bool) -> list[tuple[int, int]]:
+    """Per image ``(fewest, most)`` tokens the operator may return under ``args``."""
+    out = []
+    for b in range(t.batch_size):
+        n = int(t.counts[b])
+        present = len(set(rows(t, b)["group"].tolist()))
+        lo, hi = 1, n
+        if name == "m3":
+            hi = n  # checked per partition by check_invariants
+        elif "grid" in args:
+            hi = min(n, args["grid"][0] * args["grid"][1] * present)
+        elif "r" in args and not ({"keep", "ratio"} & set(args)):
+            lo, hi = max(n - args["r"], 1), n
+        elif name == "hired":
+            total = args.get("keep", None)
+            if total is None:
+                ratio = args.get("ratio", 0.2)
+                total = int((parts * h * h if anyres else n) * ratio)
+            hi = min(max(total, 1), n)
+        elif name == "globalcom2":
+            ratio = args.get("ratio", 0.25)
+            hi = min(max(math.floor((parts * h * h if anyres else n) * ratio) + (parts - 1 if anyres else 0), 1), n)
+        elif "keep" in args:
+            hi = min(args["keep"], n)
+        elif "ratio" in args:
+            hi = min(max(1, round(args["ratio"] * n)), n)
+        if name == "tome" and ("keep" in args or "ratio" in args):
+            lo = hi  # tome merges exactly down to its budget
+        out.append((lo, hi))
+    return out
+
+
+@pytest.mark.parametrize("name", OPS)
+@SETTINGS
+@given(case=cases(), data=st.data())
+def test_every_budget_form_and_merged_inputs(name, case, data):
+    """Each budget form (keep=, ratio=, pool's grid=, tome's r=) on raw or already merged tokens: at
+    most the budget, at least one token, every field aligned, deterministic, a batch equals each image
+    alone. Merged inputs come from ``tome`` (sizes > 1, summed attention, scrambled order)."""
+    cls = get_op(name)
+    h, parts = case["h"], case["parts"]
+    anyres = cls.allocates and parts > 1
+    form = data.draw(st.sampled_from(budget_forms(name)), label="form")
+    args = form_args(name, form, data.draw, h, parts)
+    op = vtc.create(name, **{**FIXED.get(name, {}), **args})
+    t = _tokens(dict(case, budget=None), op)
+    premerge = not cls.allocates and data.draw(st.booleans(), label="premerge")
+    if premerge:
+        t = vtc.create("tome", ratio=data.draw(st.floats(0.3, 1.0), label="premerge ratio"))(t)
+    try:
+        out = op(t)
+    except BudgetError as e:  # pool keeps a token per partition; tome keeps its protected CLS
+        assert name == "pool" and "per partition" in str(e), e
+        return
+    case = dict(case, budget=None, limits=limits(name, op, t, args, h, parts, anyres))
+    check_invariants(name, op, t, out, case)
+    _same(out, op(t), atol=0)
+    for b in range(t.batch_size):
+        _same(image(out, b), op(image(t, b)))

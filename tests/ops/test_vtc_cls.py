@@ -120,3 +120,25 @@ def test_non_finite_features_raise(bad):
     t.x[0, 2, 0] = bad
     with pytest.raises(InputError, match="'vtc-cls'"):
         _op(3)(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sums_the_layers_with_one_rounding(dtype):
+    """The official code stacks the layers' CLS attention and sums them in one reduction, in the
+    model's dtype; adding layer by layer rounds after every layer and keeps other boundary tokens."""
+    g = torch.Generator().manual_seed(5)
+    differs = 0
+    for _ in range(6):
+        B, N, k = 2, 576, 64
+        attn = {l: torch.rand(B, N, generator=g).softmax(-1).to(dtype) for l in LAYERS}
+        t = VisualTokens(x=torch.randn(B, N, 4, generator=g).to(dtype), signals={"cls_attn": attn})
+        out = _op(k)(t)
+        score = torch.stack([attn[l] for l in LAYERS]).sum(0)  # one rounding, in dtype
+        running = attn[LAYERS[0]].clone()
+        for l in LAYERS[1:]:
+            running = running + attn[l]  # a rounding per layer
+        for b in range(B):
+            want = sorted(top_k_positions(score[b].tolist(), k))
+            assert out.index[b].tolist() == want
+            differs += want != sorted(top_k_positions(running[b].tolist(), k))
+    assert differs > 0

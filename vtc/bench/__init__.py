@@ -8,9 +8,10 @@ questions; :mod:`~vtc.bench.convert` writes them from the benchmarks' release fi
 reference scorer), :mod:`~vtc.bench.stats` (bootstrap intervals, paired tests),
 :mod:`~vtc.bench.models` (which model, which prompt format), :mod:`~vtc.bench.config` (the
 grid), :mod:`~vtc.bench.runner`, :mod:`~vtc.bench.rows` (JSONL rows, resume, shard merging),
-:mod:`~vtc.bench.dist` (torchrun sharding), :mod:`~vtc.bench.attach` (the seam to
-``vtc.apply``), :mod:`~vtc.bench.flops`, :mod:`~vtc.bench.latency`, :mod:`~vtc.bench.memory`
-(per-cell peak memory), :mod:`~vtc.bench.env`, :mod:`~vtc.bench.report` and
+:mod:`~vtc.bench.lock` (one run per folder), :mod:`~vtc.bench.files` (atomic writes),
+:mod:`~vtc.bench.trust` (what a config may run and read), :mod:`~vtc.bench.dist` (torchrun sharding),
+:mod:`~vtc.bench.attach` (the seam to ``vtc.apply``), :mod:`~vtc.bench.flops`, :mod:`~vtc.bench.latency`,
+:mod:`~vtc.bench.memory` (per-cell peak memory), :mod:`~vtc.bench.env`, :mod:`~vtc.bench.report` and
 :mod:`~vtc.bench.plots`; :mod:`~vtc.bench.lmms` is the lmms-eval model wrapper (``vtc[lmms]``).
 Importing this package is cheap: heavy dependencies (transformers, scipy, matplotlib) load inside
 the functions that use them.

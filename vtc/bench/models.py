@@ -3,7 +3,7 @@
 A config lists models as mappings::
 
     - name: llava-1.5-7b
-      source: hf                          # hf | random-llava | random-llava-next | package.module:function
+      source: hf                          # hf | tiny | random-llava | random-llava-next | package.module:function
       path: llava-hf/llava-1.5-7b-hf      # hf: a hub id or a local folder (from_pretrained)
       dtype: float16                      # float32 | float16 | bfloat16
       device: auto                        # auto: cuda when available, else cpu
@@ -12,7 +12,10 @@ A config lists models as mappings::
 
 A source is a function ``source(entry) -> (model, processor)`` registered with
 :func:`register_source`; ``random-llava`` / ``random-llava-next`` build the tiny random models of
-:mod:`vtc.models.random` (offline, for smoke runs). Loaded models are cached per process.
+:mod:`vtc.models.random` (offline, for smoke runs). A ``package.module:function`` source must
+come from an allowed plugin module, and ``trust_remote_code`` in ``options`` needs
+``--trust-remote-code`` (:mod:`vtc.bench.trust`); ``hf`` loads safetensors weights only. Loaded
+models are cached per process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vtc.bench.trust import TrustPolicy
 from vtc.errors import ConfigError
 
 __all__ = ["ModelEntry", "register_source", "load_model", "model_entry", "DTYPES", "DEFAULT_CHAT"]
@@ -47,6 +51,8 @@ class ModelEntry:
     device: str = "auto"
     chat: str = DEFAULT_CHAT
     options: dict[str, Any] = field(default_factory=dict)
+    #: the user passed --trust-remote-code (not part of the hash; see vtc.bench.trust)
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -86,16 +92,28 @@ class ModelEntry:
                               "give chat: 'USER: <image>\\n{prompt} ASSISTANT:' instead") from e
 
 
-def model_entry(data: Mapping[str, Any] | str) -> ModelEntry:
-    """A ModelEntry from a config mapping (or a bare source name such as ``random-llava``)."""
+def model_entry(data: Mapping[str, Any] | str, trust: TrustPolicy | None = None) -> ModelEntry:
+    """A ModelEntry from a config mapping (or a bare source name such as ``random-llava``).
+
+    ``trust`` (:class:`~vtc.bench.trust.TrustPolicy`, default: nothing beyond vtc's built-ins)
+    decides whether a ``package.module:function`` source and ``trust_remote_code`` are allowed."""
+    trust = trust or TrustPolicy()
     if isinstance(data, str):
         data = {"name": data, "source": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a model entry is a mapping (name, source, path, ...) or a source name, got {data!r}")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise ConfigError(f"model entry has unknown key(s) {unknown}; valid keys: {sorted(_KEYS)}")
     if "name" not in data:
         raise ConfigError(f"model entry needs a name, got {dict(data)!r}")
-    return ModelEntry(**data)
+    owner = f"model {data['name']!r}"
+    trust.check_function("model source", str(data.get("source", "hf")), owner)
+    options = data.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{owner}: options is a mapping of keyword arguments, got {options!r}")
+    trust.check_model_options(dict(options), owner)
+    return ModelEntry(**data, trust_remote_code=trust.trust_remote_code)
 
 
 Source = Callable[[ModelEntry], tuple[Any, Any]]
@@ -167,8 +185,14 @@ def _hf(entry: ModelEntry):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kwargs = dict(entry.options)
-    model = AutoModelForImageTextToText.from_pretrained(entry.path, dtype=entry.torch_dtype, **kwargs)
-    processor = AutoProcessor.from_pretrained(entry.path)
+    owner = f"model {entry.name!r}"
+    TrustPolicy(trust_remote_code=entry.trust_remote_code).check_model_options(kwargs, owner)
+    remote = bool(kwargs.pop("trust_remote_code", False))
+    kwargs.pop("use_safetensors", None)
+    # safetensors only: a pickled .bin checkpoint is refused by transformers instead of unpickled
+    model = AutoModelForImageTextToText.from_pretrained(entry.path, dtype=entry.torch_dtype, use_safetensors=True,
+                                                        trust_remote_code=remote, **kwargs)
+    processor = AutoProcessor.from_pretrained(entry.path, trust_remote_code=remote)
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
         tok.padding_side = "left"  # batched generation needs left padding

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vtc.bench.files import atomic_open
+
 __all__ = ["plot_run", "AXES"]
 
 #: x-axis summary key -> (file suffix, axis label; "{F}" is the FLOPs unit)
@@ -86,7 +88,8 @@ def plot_run(summaries: Sequence[Mapping[str, Any]], out_dir: str | Path) -> lis
                 ax.legend(fontsize=8)
             fig.tight_layout()
             path = out_dir / f"{_safe(model)}__{_safe(task)}__{suffix}.png"
-            fig.savefig(path)
+            with atomic_open(path, "wb") as fh:
+                fig.savefig(fh, format="png")
             plt.close(fig)
             written.append(path)
     return written

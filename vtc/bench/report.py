@@ -34,8 +34,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vtc.bench.files import atomic_open, read_json, write_text
 from vtc.bench.metrics import agreement, get_metric, scored
-from vtc.bench.rows import read_rows
+from vtc.bench.rows import cell_rows
 from vtc.bench.stats import ALPHA, adjust, interval, paired_test
 from vtc.errors import ConfigError
 
@@ -146,20 +147,17 @@ def load_cells(run_dir: str | Path) -> list[dict[str, Any]]:
     cdir = run_dir / "cells"
     if not cdir.is_dir():
         raise ConfigError(f"{str(run_dir)!r} is not a vtc bench run folder (no cells/ inside)")
-    metas = {p.stem: json.loads(p.read_text()) for p in sorted(cdir.glob("*.json"))}
+    fix = "rerun `vtc bench` with the config that made it (it rebuilds the file from the rows) or delete the file"
+    metas = {p.stem: read_json(p, fix=fix) for p in sorted(cdir.glob("*.json"))}
     order_file = run_dir / "run.json"
     if order_file.is_file():
-        ids = json.loads(order_file.read_text()).get("cells", [])
+        ids = read_json(order_file, fix=fix).get("cells", [])
         return [metas[i] for i in ids if i in metas]
     return list(metas.values())
 
 
 def _cell_rows(run_dir: Path, cell_id: str) -> list[dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    for path in [run_dir / "rows" / f"{cell_id}.jsonl", *sorted((run_dir / "rows").glob(f"{cell_id}.rank*.jsonl"))]:
-        for r in read_rows(path):
-            rows.setdefault(r["qid"], r)
-    return list(rows.values())
+    return cell_rows(run_dir, cell_id)  # the runner's summaries read rows the same way
 
 
 def _nan(v: Any) -> bool:
@@ -260,7 +258,7 @@ def _write_submissions(run_dir: Path, metas: Sequence[Mapping[str, Any]], rows: 
             records = [{"question_id": r["qid"], "prediction": r.get("prediction")} for r in open_rows]
         path = run_dir / "submissions" / f"{meta['id']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+        write_text(path, json.dumps(records, indent=1, ensure_ascii=False))
         s["submission"] = str(path.relative_to(run_dir))
 
 
@@ -289,13 +287,13 @@ def build_report(run_dir: str | Path, plots: bool = True) -> list[dict[str, Any]
             s["p_bh"] = q
             s["significant"] = bool(q < ALPHA) if math.isfinite(q) else None
     _write_submissions(run_dir, metas, rows, summaries)
-    with (run_dir / "summary.jsonl").open("w") as fh:
+    with atomic_open(run_dir / "summary.jsonl") as fh:
         for s in summaries:
             fh.write(json.dumps({k: _jsonable(v) for k, v in s.items()}) + "\n")
     keys: list[str] = []
     for s in summaries:
         keys += [k for k in s if k not in keys]
-    with (run_dir / "report.csv").open("w", newline="") as fh:
+    with atomic_open(run_dir / "report.csv", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         for s in summaries:
@@ -315,7 +313,7 @@ def build_report(run_dir: str | Path, plots: bool = True) -> list[dict[str, Any]
     subs = [s["submission"] for s in summaries if s.get("submission")]
     if subs:
         md.append("Questions without public answers (no score); submission files: " + ", ".join(subs) + "\n")
-    (run_dir / "report.md").write_text("\n".join(md))
+    write_text(run_dir / "report.md", "\n".join(md))
     return summaries
 
 

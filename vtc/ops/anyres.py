@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtc.errors import InputError, LayoutError, SignalError
-from vtc.ops.selection import descending_order, mask_from_order
-from vtc.tokens import Layout, VisualTokens
+from vtc.errors import LayoutError, SignalError
+from vtc.ops.selection import descending_order, rank_mask
+from vtc.tokens import Layout, VisualTokens, checking_structure
 
 
 def unpad_bounds(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -111,6 +111,14 @@ class DenseParts:
     grids: list[AnyResGrid]
     h: int
     w: int
+    #: ``[B, 1]`` long per-image geometry: crop grid ``nh``, ``nw`` and the unpadded rows
+    #: ``[r0, r1)`` and columns ``[c0, c1)`` of the crop grid (for batched arithmetic)
+    nh: Tensor | None = None
+    nw: Tensor | None = None
+    r0: Tensor | None = None
+    r1: Tensor | None = None
+    c0: Tensor | None = None
+    c1: Tensor | None = None
 
     @property
     def present(self) -> Tensor:
@@ -134,7 +142,8 @@ def is_anyres(tokens: VisualTokens, op: str) -> bool:
     flags = [lay is not None and lay.num_partitions > 1 for lay in tokens.layouts()]
     if any(flags) and not all(flags):
         raise LayoutError(f"{op}: a batch mixes AnyRes and single-partition images; run them in separate batches")
-    if not flags[0] and tokens.group is not None and bool((tokens.group[tokens.valid] > 0).any()):
+    if (not flags[0] and tokens.group is not None and checking_structure()
+            and bool(((tokens.group > 0) & tokens.valid).any())):
         raise LayoutError(
             f"{op}: tokens come from several partitions but have no AnyRes layout; pass "
             "layout=vtc.Layout.for_anyres(grid, (nH, nW), image_size=(height, width)) per image"
@@ -164,35 +173,47 @@ def dense_parts(tokens: VisualTokens, op: str) -> DenseParts:
     part = tokens.index // HW
     local = tokens.index % HW
     valid = tokens.valid
-    if tokens.group is not None and bool(((tokens.group != part) & valid).any()):
-        raise LayoutError(f"{op}: token group ids disagree with their indices (index = partition*{HW} + raster)")
-    if bool((((tokens.index < 0) | (part >= parts.unsqueeze(1))) & valid).any()):
-        raise LayoutError(f"{op}: token indices fall outside the layout's {HW}-token partitions")
+    if checking_structure():
+        if tokens.group is not None and bool(((tokens.group != part) & valid).any()):
+            raise LayoutError(f"{op}: token group ids disagree with their indices (index = partition*{HW} + raster)")
+        if bool((((tokens.index < 0) | (part >= parts.unsqueeze(1))) & valid).any()):
+            raise LayoutError(f"{op}: token indices fall outside the layout's {HW}-token partitions")
+    check = checking_structure()
     slot = torch.where(valid, part * HW + local, torch.full_like(part, P * HW))
     rows = torch.arange(B, device=dev).unsqueeze(1)
-    hits = torch.zeros(B, P * HW + 1, dtype=torch.long, device=dev)
-    hits.index_put_((rows.expand(B, N), slot), torch.ones_like(slot), accumulate=True)
-    if bool((hits[:, :-1] > 1).any()):
-        raise LayoutError(f"{op}: a patch appears more than once; run {op} on the vision tower's own tokens, "
-                          "before any merging operator")
+    if check:
+        hits = torch.zeros(B, P * HW + 1, dtype=torch.long, device=dev)
+        hits.index_put_((rows.expand(B, N), slot), torch.ones_like(slot), accumulate=True)
+        if bool((hits[:, :-1] > 1).any()):
+            raise LayoutError(f"{op}: a patch appears more than once; run {op} on the vision tower's own tokens, "
+                              "before any merging operator")
     pos = torch.full((B, P * HW + 1), -1, dtype=torch.long, device=dev)
     pos[rows.expand(B, N), slot] = torch.arange(N, device=dev).expand(B, N)
     pos = pos[:, :-1].view(B, P, HW)
     exists = torch.arange(P, device=dev).unsqueeze(0) < parts.unsqueeze(1)
-    inside = torch.zeros(B, P, HW, dtype=torch.bool, device=dev)
-    grid_pos = torch.zeros(B, P, HW, dtype=torch.long, device=dev)
-    inside[:, 0] = True
-    for b, g in enumerate(grids):  # geometry tables only: a few small tensors per image
-        gp, ins = g.crop_cells()
-        inside[b, 1:1 + g.num_crops] = ins.to(dev)
-        grid_pos[b, 1:1 + g.num_crops] = gp.to(dev)
-    need = exists.unsqueeze(2) & inside
-    if bool((need & (pos < 0)).any()):
+    # per-image geometry as [B, 1] columns; crop cells of every image at once (no loop over images)
+    geo = torch.tensor([[g.nh, g.nw, *g.rows, *g.cols] for g in grids], dtype=torch.long, device=dev)
+    nh, nw, r0, r1, c0, c1 = geo.unbind(1)
+
+    def col(v: Tensor) -> Tensor:
+        return v.view(B, 1)
+
+    c = torch.arange(P - 1, device=dev).view(1, P - 1, 1)
+    t = torch.arange(HW, device=dev).view(1, 1, HW)
+    nw3 = nw.view(B, 1, 1)
+    gr = (c // nw3) * h + t // w
+    gc = (c % nw3) * w + t % w
+    crop_in = (gr >= r0.view(B, 1, 1)) & (gr < r1.view(B, 1, 1)) & (gc >= c0.view(B, 1, 1)) & (gc < c1.view(B, 1, 1))
+    inside = torch.cat([torch.ones(B, 1, HW, dtype=torch.bool, device=dev), crop_in], 1)
+    grid_pos = torch.cat([torch.zeros(B, 1, HW, dtype=torch.long, device=dev), gr * (nw3 * w) + gc], 1)
+    inside = inside & exists.unsqueeze(2)  # cells of crops an image does not have are never inside
+    if check and bool((exists.unsqueeze(2) & inside & (pos < 0)).any()):
         raise LayoutError(
             f"{op}: some tokens of the base view or of a crop's unpadded area are missing; {op} decides "
             "budgets from complete partitions, so put it first in the pipeline, on the vision tower's tokens"
         )
-    return DenseParts(pos=pos, exists=exists, inside=inside, grid_pos=grid_pos, grids=grids, h=h, w=w)
+    return DenseParts(pos=pos, exists=exists, inside=inside, grid_pos=grid_pos, grids=grids, h=h, w=w,
+                      nh=col(nh), nw=col(nw), r0=col(r0), r1=col(r1), c0=col(c0), c1=col(c1))
 
 
 def dense_signal(tokens: VisualTokens, dense: DenseParts, name: str, layer: int, op: str) -> Tensor:
@@ -201,58 +222,50 @@ def dense_signal(tokens: VisualTokens, dense: DenseParts, name: str, layer: int,
     if s.dim() != 2:
         raise SignalError(f"{op} needs signals[{name!r}][{layer}] of shape [B, N] (one value per token), "
                           f"got {tuple(s.shape)}")
-    out = dense.scatter(s.to(torch.float64))
-    if not bool(torch.isfinite(out).all()):
-        raise InputError(f"{op}: signals[{name!r}][{layer}] holds NaN/Inf; check the vision tower's dtype "
-                         "(fp16 overflow) and the tap that recorded it")
-    return out
+    # NaN/Inf were rejected where the tokens entered (VisualTokens.validate checks required signals)
+    return dense.scatter(s.to(torch.float64))
 
 
 def top_cells(scores: Tensor, allowed: Tensor, k: Tensor) -> Tensor:
     """``[B, P, M]`` bool: the ``k[b, p]`` highest-scoring ``allowed`` cells of each partition
-    (ties to the lower raster position, as ``torch.topk``/``argmax`` on distinct values)."""
+    (ties to the lower raster position, as ``torch.topk``/``argmax`` on distinct values). No host sync."""
     B, P, M = scores.shape
     order = descending_order(scores.reshape(B * P, M), allowed.reshape(B * P, M))
-    kk = torch.minimum(k.reshape(-1), allowed.reshape(B * P, M).sum(1))
-    return mask_from_order(order, kk).view(B, P, M)
+    return (rank_mask(order, k.reshape(-1)) & allowed.reshape(B * P, M)).view(B, P, M)
 
 
 def at_least_one(budget: Tensor) -> Tensor:
     """``budget`` ``[B, P]`` with the base's budget raised to 1 where an image's budgets are all 0."""
     empty = budget.sum(1) == 0
-    if not bool(empty.any()):
-        return budget
-    out = budget.clone()
-    out[:, 0] = torch.where(empty, torch.ones_like(out[:, 0]), out[:, 0])
-    return out
+    return torch.cat([budget[:, :1] + empty.unsqueeze(1).long(), budget[:, 1:]], 1)
 
 
 def keep_base_top1_if_empty(keep: Tensor, base_scores: Tensor) -> Tensor:
     """``keep`` ``[B, P, M]`` where an image that keeps nothing keeps its base's top cell instead."""
     empty = ~keep.flatten(1).any(1)
-    if not bool(empty.any()):
-        return keep
-    out = keep.clone()
-    top = descending_order(base_scores)[:, 0]
-    out[empty.nonzero().squeeze(1), 0, top[empty]] = True
-    return out
+    top = descending_order(base_scores)[:, :1]
+    first = torch.zeros_like(keep[:, 0]).scatter_(1, top, True) & empty.unsqueeze(1)
+    return torch.cat([(keep[:, 0] | first).unsqueeze(1), keep[:, 1:]], 1)
 
 
 def emit(tokens: VisualTokens, dense: DenseParts, keep: Tensor, base_rank: Tensor) -> VisualTokens:
     """Keep the cells ``keep`` ``[B, P, h*w]``: the base's cells ordered by ``base_rank`` ``[B, h*w]``,
-    then every crop's cells in the raster order of the assembled crop grid (LLaVA-NeXT's order)."""
+    then every crop's cells in the raster order of the assembled crop grid (LLaVA-NeXT's order).
+    One host sync (the output width)."""
     B, P, HW = keep.shape
-    key = dense.grid_pos.clone() + HW
-    key[:, 0] = base_rank
+    key = dense.grid_pos + HW
+    key = torch.cat([base_rank.unsqueeze(1), key[:, 1:]], 1)
     big = torch.iinfo(torch.long).max
     key = torch.where(keep & dense.present, key, torch.full_like(key, big)).view(B, P * HW)
     order = torch.sort(key, dim=1, stable=True).indices
     n = (key < big).sum(1)
-    K = int(n.max().item()) if n.numel() else 0
+    K, K_min = (torch.stack([n.max(), n.min()]).tolist() if B else (0, 0))
     sel = order[:, :K]
-    valid = torch.arange(K, device=keep.device).unsqueeze(0) < n.unsqueeze(1)
     pos = dense.pos.view(B, P * HW).gather(1, sel)
-    out = tokens.gather(torch.where(valid, pos, torch.zeros_like(pos)), valid)
+    if K_min == K:
+        return tokens.gather(pos).replace(budget=None)
+    valid = torch.arange(K, device=keep.device).unsqueeze(0) < n.unsqueeze(1)
+    out = tokens.gather(torch.where(valid, pos, torch.zeros_like(pos)), valid, some_invalid=True)
     return out.replace(budget=None)
 
 

@@ -12,6 +12,11 @@ keeping or merging). It turns ``keep=``/``ratio=`` into a per-image ``k``, and w
 has set per-partition ``budget``\\ s it runs once per (image, partition) row with that row's
 budget. :class:`Allocator` is the base of operators that decide per-partition budgets (HiRED,
 GlobalCom2); in a pipeline, an allocator followed by a selector only allocates.
+
+An operator called on its own validates its input once (``Operator.__call__``; inside a Pipeline
+the pipeline does it) and runs without further data checks; when every image holds all its tokens
+a selector's budget is a host ``int``, so operators whose output count is fixed run without a host
+sync (``tests/ops/test_dispatch_counts.py``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from vtc.errors import BudgetError, ConfigError
-from vtc.tokens import VisualTokens
+from vtc.errors import BudgetError, ConfigError, InputError
+from vtc.tokens import VisualTokens, checking, inputs_checked
+
+_MAX_KEEP = torch.iinfo(torch.long).max
 
 Stage = Literal["vision", "llm", "llm_layer"]
 #: The stages in the order a pipeline runs them: the tower's tokens, the projector's outputs, the
@@ -146,6 +153,24 @@ class Operator(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in config_dict(self.config, full=False).items())
 
+    def __call__(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run the operator. Called on its own (not inside a Pipeline, which validates once for all
+        its operators), it first validates ``tokens`` (:meth:`VisualTokens.validate`: features,
+        required signals, sizes); an empty batch is returned as it is."""
+        if isinstance(tokens, Tensor):
+            raise InputError(
+                f"operator {self.name!r} takes vtc.VisualTokens, got a bare tensor of shape {tuple(tokens.shape)}; "
+                "wrap the features: vtc.VisualTokens(x=features) (add layout=, signals= as the operator needs)"
+            )
+        if isinstance(tokens, VisualTokens):
+            if tokens.batch_size == 0 and not self.replaces_projector:
+                return tokens
+            if checking():
+                tokens.validate(f"operator {self.name!r}", self.requires)
+                with inputs_checked():
+                    return super().__call__(tokens, *args, **kwargs)
+        return super().__call__(tokens, *args, **kwargs)
+
     def check_signals(self, tokens: VisualTokens) -> None:
         """Raise a SignalError naming the first required signal that is missing."""
         for sig, layers in self.requires.items():
@@ -159,21 +184,29 @@ class Operator(nn.Module):
 class Selector(Operator):
     """An operator that reduces each image, or each partition under a budget, to ``k`` tokens.
 
-    Subclasses implement :meth:`select`; this class resolves ``k``, validates inputs, skips
-    images that already fit, and runs per-partition rows when a budget is present.
+    Subclasses implement :meth:`select`; this class resolves ``k``, skips images that already
+    fit, and runs per-partition rows when a budget is present. For a subclass with
+    :attr:`int_budget`, when every image holds all its ``N`` tokens (no mask) and no budget is set,
+    ``k`` is a host ``int`` and ``select`` is called only if ``k < N``: it then returns exactly ``k``
+    tokens per image without a host sync.
     """
 
     Config: ClassVar[type] = SelectConfig
     selects: ClassVar[bool] = True
+    #: whether :meth:`select` (and :meth:`resolve_keep`) accept an ``int`` budget (see the class
+    #: docstring); a subclass that only handles ``[B]`` tensors leaves this False
+    int_budget: ClassVar[bool] = False
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite(f"operator {self.name!r}")
         self.check_signals(tokens)
         if tokens.budget is not None:
             rows, G = tokens.split_groups()
             k = torch.minimum(rows.budget[:, 0], rows.counts)
             out = self._run(rows.replace(budget=None), k)
             return tokens.join_groups(out.replace(budget=None), G)
+        if tokens.mask is None and self.int_budget:
+            k = self.resolve_keep(tokens.num_tokens)
+            return tokens if k >= tokens.num_tokens else self.select(tokens, k)
         return self._run(tokens, self.resolve_keep(tokens.counts))
 
     def _run(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
@@ -190,22 +223,25 @@ class Selector(Operator):
         conflict with them)."""
         return [a for a in ("keep", "ratio") if getattr(self.config, a, None) is not None]
 
-    def resolve_keep(self, counts: Tensor) -> Tensor:
-        """Per-image budget ``k`` ``[B]`` from ``keep``/``ratio`` (clamped to the tokens present)."""
+    def resolve_keep(self, counts: Tensor | int) -> Tensor | int:
+        """Budget ``k`` from ``keep``/``ratio``, clamped to the tokens present: per image ``[B]`` for
+        ``counts`` ``[B]``, or a host int for a host count."""
         cfg = self.config
-        if cfg.keep is not None:
-            k = torch.full_like(counts, cfg.keep)
-        elif cfg.ratio is not None:
-            k = torch.round(counts.to(torch.float64) * cfg.ratio).long().clamp_min(1)
-        else:
+        if cfg.keep is None and cfg.ratio is None:
             raise BudgetError(
                 f"operator {self.name!r} has no budget: give keep= or ratio=, or put an allocator "
                 f"(hired, globalcom2) before it in the pipeline"
             )
-        return torch.minimum(k, counts)
+        if isinstance(counts, int):
+            k = cfg.keep if cfg.keep is not None else max(1, round(counts * cfg.ratio))
+            return min(k, counts)
+        if cfg.keep is not None:
+            return counts.clamp_max(min(cfg.keep, _MAX_KEEP))
+        return torch.minimum(torch.round(counts.to(torch.float64) * cfg.ratio).long().clamp_min(1), counts)
 
-    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:  # pragma: no cover - abstract
-        """Reduce row ``b`` of ``tokens`` to ``k[b]`` tokens (``0 <= k[b] <= counts[b]``)."""
+    def select(self, tokens: VisualTokens, k: Tensor | int) -> VisualTokens:  # pragma: no cover - abstract
+        """Reduce row ``b`` of ``tokens`` to ``k[b]`` tokens (``0 <= k[b] <= counts[b]``); an ``int``
+        ``k`` (only when :attr:`int_budget`) means every row holds all its tokens and keeps exactly ``k``."""
         raise NotImplementedError
 
 

@@ -26,9 +26,8 @@ def apportion(weights: Tensor, total: Tensor, capacity: Tensor) -> Tensor:
     left = torch.minimum(total.long(), cap.sum(1))
     col = torch.arange(C, device=weights.device).unsqueeze(0)
     for _ in range(C + 1):  # each round fills a partition to capacity or hands out everything
+        # (a round with nothing left to hand out changes nothing: no early exit, so no host sync)
         open_ = out < cap
-        if not bool(((left > 0) & open_.any(1)).any()):
-            break
         ww = torch.where(open_, w, torch.zeros_like(w))
         ww = torch.where((ww.sum(1, keepdim=True) == 0) & open_, torch.ones_like(ww), ww)
         den = ww.sum(1, keepdim=True).clamp_min(1)

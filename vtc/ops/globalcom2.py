@@ -17,11 +17,14 @@ the LAST CLIP layer (``layer=23``, not LLaVA's feature layer 22). Per image, wit
    rectangle; keep the top ``int(N_r * scale_r)``;
 4. output: thumbnail tokens, then the crops' kept tokens in the raster order of the assembled grid.
 
-Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer=23``. Scores, scales and
-the upsampling are computed in float64 (the official code runs in the model's fp16, so
-``int(N_r*scale_r)`` can differ by one where a product lands on an integer). Ties rank the lower
-position first. Stage ``vision`` (the official code selects after the projector; scores do not
-depend on the features, so the choice is the same).
+Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer=23``. The crop scores,
+scales and the upsampling are computed in float64 (the official code runs in the model's fp16, so
+in half precision a crop's boundary tokens and ``int(N_r*scale_r)`` can differ by one where a
+product lands on an integer); ties there rank the lower position first. The thumbnail is ranked
+in ``compat="official"`` exactly as the official code ranks it: ``torch.argsort(s, descending=True)``
+on the logits in their own dtype, so fp16/bf16 ties break as in the official run on the same device
+(``compat="clean"``: ties to the lower position). Stage ``vision`` (the official code selects after
+the projector; scores do not depend on the features, so the choice is the same).
 
 ``compat="official"`` (default) reproduces the official code:
 
@@ -49,11 +52,11 @@ tokens the unpad removes; the next selector fills the budgets.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
@@ -68,7 +71,7 @@ from vtc.ops.anyres import (
     top_cells,
 )
 from vtc.ops.base import Allocator, OpConfig
-from vtc.ops.selection import descending_order, keep_top
+from vtc.ops.selection import keep_top
 from vtc.registry import register
 from vtc.taps.layers import Layer
 from vtc.tokens import VisualTokens
@@ -112,19 +115,16 @@ class GlobalCom2(Allocator):
     def _regions(self, dense: DenseParts) -> Tensor:
         """``[B, N]`` long: the crop whose region each thumbnail token belongs to."""
         h, w = dense.h, dense.w
-        t = torch.arange(h * w)
+        t = torch.arange(h * w, device=dense.pos.device).unsqueeze(0)
         i, j = t // w, t % w
-        out = torch.zeros(dense.pos.shape[0], h * w, dtype=torch.long)
-        for b, g in enumerate(dense.grids):  # per-image geometry table
-            if self.config.compat == "official":
-                a = (i // max(h // g.nh, 1)).clamp_max(g.nh - 1)
-                c = (j // max(w // g.nw, 1)).clamp_max(g.nw - 1)
-            else:
-                (r0, r1), (c0, c1) = g.rows, g.cols
-                a = ((2 * h * r0 + (2 * i + 1) * (r1 - r0)) // (2 * h * h)).clamp(0, g.nh - 1)
-                c = ((2 * w * c0 + (2 * j + 1) * (c1 - c0)) // (2 * w * w)).clamp(0, g.nw - 1)
-            out[b] = a * g.nw + c
-        return out.to(dense.pos.device)
+        if self.config.compat == "official":
+            a = torch.minimum(i // (h // dense.nh).clamp_min(1), dense.nh - 1)
+            c = torch.minimum(j // (w // dense.nw).clamp_min(1), dense.nw - 1)
+        else:
+            a = torch.minimum((2 * h * dense.r0 + (2 * i + 1) * (dense.r1 - dense.r0)) // (2 * h * h), dense.nh - 1)
+            c = torch.minimum((2 * w * dense.c0 + (2 * j + 1) * (dense.c1 - dense.c0)) // (2 * w * w), dense.nw - 1)
+            a, c = a.clamp_min(0), c.clamp_min(0)
+        return a * dense.nw + c
 
     def _scales(self, s0: Tensor, dense: DenseParts) -> Tensor:
         """``[B, C]`` float64 crop retention ratios from the thumbnail logits ``s0`` ``[B, N]``."""
@@ -140,18 +140,32 @@ class GlobalCom2(Allocator):
         return scale.masked_fill(~crops, 0.0)
 
     def _global_map(self, s0: Tensor, dense: DenseParts) -> Tensor:
-        """``[B, C, N]``: the thumbnail logits upsampled to each image's unpadded crop grid, per crop cell."""
+        """``[B, C, N]``: the thumbnail logits ``s0`` ``[B, h*w]`` upsampled bilinearly
+        (``align_corners=False``, as ``F.interpolate``) to each image's unpadded crop grid, read at
+        each crop cell (0 outside the unpadded area). All images at once, each with its own size."""
         B, P, N = dense.pos.shape
-        out = torch.zeros(B, P - 1, N, dtype=torch.float64, device=s0.device)
-        for b, g in enumerate(dense.grids):  # each image has its own unpadded size
-            hv, wv = g.valid_size()
-            G = F.interpolate(s0[b].view(1, 1, dense.h, dense.w), size=(hv, wv), mode="bilinear",
-                              align_corners=False).view(-1)
-            gp, inside = dense.grid_pos[b, 1:1 + g.num_crops], dense.inside[b, 1:1 + g.num_crops]
-            W = g.nw * dense.w
-            at = (gp // W - g.rows[0]) * wv + (gp % W - g.cols[0])
-            out[b, :g.num_crops] = torch.where(inside, G[at.clamp(0, hv * wv - 1)], torch.zeros_like(G[:1]))
-        return out
+        h, w = dense.h, dense.w
+        hv, wv = (dense.r1 - dense.r0).unsqueeze(2), (dense.c1 - dense.c0).unsqueeze(2)  # [B, 1, 1]
+        gp = dense.grid_pos[:, 1:]
+        W = (dense.nw * w).unsqueeze(2)
+        y = (gp // W - dense.r0.unsqueeze(2)).clamp_min(0)
+        x = (gp % W - dense.c0.unsqueeze(2)).clamp_min(0)
+
+        def source(d: Tensor, n_in: int, n_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            src = ((n_in / n_out.to(torch.float64)) * (d.to(torch.float64) + 0.5) - 0.5).clamp_min(0)
+            i0 = src.long().clamp_max(n_in - 1)
+            return i0, (i0 + 1).clamp_max(n_in - 1), src - i0
+
+        y0, y1, ly = source(y, h, hv)
+        x0, x1, lx = source(x, w, wv)
+        flat = s0.reshape(B, 1, h * w).expand(B, P - 1, h * w)
+
+        def at(yy: Tensor, xx: Tensor) -> Tensor:
+            return flat.gather(2, yy * w + xx)
+
+        G = ((1 - ly) * ((1 - lx) * at(y0, x0) + lx * at(y0, x1))
+             + ly * ((1 - lx) * at(y1, x0) + lx * at(y1, x1)))
+        return G.masked_fill(~dense.inside[:, 1:], 0.0)
 
     def _plan(self, tokens: VisualTokens, dense: DenseParts) -> tuple[Tensor, Tensor, Tensor]:
         """``(scores [B, P, N], budget [B, P], allowed [B, P, N])``."""
@@ -172,32 +186,46 @@ class GlobalCom2(Allocator):
 
     # ------------------------------------------------------------------ operator API
     def allocate(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite(f"operator {self.name!r}")
+        tokens.check_finite(f"operator {self.name!r}", self.requires)
         if not is_anyres(tokens, self.name):
-            return tokens.replace(budget=self._single_k(tokens).unsqueeze(1))
+            k = self._single_k(tokens)
+            if isinstance(k, int):
+                k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
+            return tokens.replace(budget=k.unsqueeze(1))
         dense = dense_parts(tokens, self.name)
         _, budget, _ = self._plan(tokens, dense)
         return drop_padding(tokens, dense).replace(budget=budget)
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite(f"operator {self.name!r}")
         official = self.config.compat == "official"
         if not is_anyres(tokens, self.name):
-            s = tokens.signal("cls_logits", self.config.layer, op=f"operator {self.name!r}").to(torch.float64)
-            return keep_top(tokens, s, self._single_k(tokens), order="score" if official else "original"
+            s = tokens.signal("cls_logits", self.config.layer, op=f"operator {self.name!r}")
+            k = self._single_k(tokens)
+            if isinstance(k, int):  # official: torch's argsort(descending) on the logits as they are
+                return keep_top(tokens, s, k, order="score" if official else "original",
+                                stable=not official).replace(budget=None)
+            return keep_top(tokens, s.to(torch.float64), k, order="score" if official else "original"
                             ).replace(budget=None)
         dense = dense_parts(tokens, self.name)
         scores, budget, allowed = self._plan(tokens, dense)
         keep = top_cells(scores, allowed, budget)
         N = dense.h * dense.w
         B = tokens.batch_size
-        if official:  # rank of each thumbnail cell in descending-score order
-            order = descending_order(scores[:, 0])
+        if official:
+            # the thumbnail: torch's argsort(descending) of its logits in their own dtype, as the
+            # official code (same order, ties included, on the same device); emitted in that order
+            s0 = dense.scatter(tokens.signal("cls_logits", self.config.layer, op=f"operator {self.name!r}"))[:, 0]
+            order = torch.argsort(s0, dim=1, descending=True)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+            keep[:, 0] = rank < budget[:, :1]
         else:
             rank = torch.arange(N, device=tokens.device).expand(B, N)
         return emit(tokens, dense, keep, rank)
 
-    def _single_k(self, tokens: VisualTokens) -> Tensor:
+    def _single_k(self, tokens: VisualTokens) -> Tensor | int:
+        """Budget of a single-partition image: a host int when no image has padding, else ``[B]``."""
+        if tokens.mask is None:
+            n = tokens.num_tokens
+            return min(max(math.floor(n * self.config.ratio), 1), n)
         n = tokens.counts
         return torch.minimum((n.to(torch.float64) * self.config.ratio).floor().long().clamp_min(1), n)

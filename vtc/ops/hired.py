@@ -79,10 +79,10 @@ from vtc.ops.anyres import (
 )
 from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.budgets import apportion
-from vtc.ops.selection import descending_order, keep_top, mask_from_order
+from vtc.ops.selection import descending_order, keep_top, rank_mask
 from vtc.registry import register
 from vtc.taps.layers import Layer, sorted_layers
-from vtc.tokens import VisualTokens
+from vtc.tokens import VisualTokens, checking_structure
 
 DEFAULT_RATIO = 0.2
 
@@ -147,23 +147,16 @@ class HiRED(Allocator):
 
     def _crop_regions(self, dense: DenseParts) -> Tensor:
         """``[B, N]`` long: the crop each thumbnail token counts for (compat-dependent, see docstring)."""
-        B = dense.pos.shape[0]
         h, w = dense.h, dense.w
         N = h * w
-        t = torch.arange(N)
-        out = torch.zeros(B, N, dtype=torch.long)
-        for b, g in enumerate(dense.grids):  # per-image geometry table
-            C = g.num_crops
-            if self.config.compat == "official":
-                out[b] = t * C // N
-            else:
-                (r0, r1), (c0, c1) = g.rows, g.cols
-                i, j = t // w, t % w
-                # centre of thumbnail cell (i, j) on the unpadded crop grid, in exact integers
-                a = ((2 * h * r0 + (2 * i + 1) * (r1 - r0)) // (2 * h * h)).clamp(0, g.nh - 1)
-                c = ((2 * w * c0 + (2 * j + 1) * (c1 - c0)) // (2 * w * w)).clamp(0, g.nw - 1)
-                out[b] = a * g.nw + c
-        return out.to(dense.pos.device)
+        t = torch.arange(N, device=dense.pos.device).unsqueeze(0)
+        if self.config.compat == "official":
+            return t * (dense.nh * dense.nw) // N
+        i, j = t // w, t % w
+        # centre of thumbnail cell (i, j) on the unpadded crop grid, in exact integers
+        a = torch.minimum((2 * h * dense.r0 + (2 * i + 1) * (dense.r1 - dense.r0)) // (2 * h * h), dense.nh - 1)
+        c = torch.minimum((2 * w * dense.c0 + (2 * j + 1) * (dense.c1 - dense.c0)) // (2 * w * w), dense.nw - 1)
+        return a.clamp_min(0) * dense.nw + c.clamp_min(0)
 
     def _budgets(self, tokens: VisualTokens, dense: DenseParts) -> Tensor:
         """``[B, P]`` long budgets (before dropping unpadded tokens)."""
@@ -180,17 +173,17 @@ class HiRED(Allocator):
         if cfg.compat == "official":
             b_sub = [min(bt - bf, (p - 1) * N) for bt, bf, p in zip(b_tot, b_full, parts)]
             k_sp = int(N * (1 - alpha)) if cfg.spatial_k is None else cfg.spatial_k
+            b_sub_t = torch.tensor(b_sub, device=dev)
         else:
-            cap = inside_crops.sum(1).tolist()
-            b_sub = [min(bt - bf, c) for bt, bf, c in zip(b_tot, b_full, cap)]
+            rest = torch.tensor([bt - bf for bt, bf in zip(b_tot, b_full)], device=dev)
+            b_sub_t = torch.minimum(rest, inside_crops.sum(1))
             k_sp = N // 2 if cfg.spatial_k is None else cfg.spatial_k
         k_sp = min(k_sp, N)
-        b_sub_t = torch.tensor(b_sub, device=dev)
         crops_exist = dense.exists[:, 1:]
         C = P - 1
         # spatial counts: top-k_sp thumbnail tokens by the top layer's CLS attention, per crop region
         c_top = dense_signal(tokens, dense, "cls_attn", cfg.top_layer, self.name)[:, 0]
-        marked = mask_from_order(descending_order(c_top), torch.full((B,), k_sp, device=dev))
+        marked = rank_mask(descending_order(c_top), torch.full((B,), k_sp, device=dev))
         region = self._crop_regions(dense)
         cnt = torch.zeros(B, C, dtype=torch.long, device=dev).scatter_add_(1, region, marked.long())
         total = cnt.sum(1, keepdim=True)
@@ -206,9 +199,11 @@ class HiRED(Allocator):
 
     # ------------------------------------------------------------------ operator API
     def allocate(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite(f"operator {self.name!r}")
+        tokens.check_finite(f"operator {self.name!r}", self.requires)
         if not is_anyres(tokens, self.name):
             k = self._single_k(tokens)
+            if isinstance(k, int):
+                k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
             return tokens.replace(budget=k.unsqueeze(1))
         self.check_signals(tokens)
         dense = dense_parts(tokens, self.name)
@@ -218,17 +213,19 @@ class HiRED(Allocator):
         return out.replace(budget=at_least_one(torch.minimum(budget, left)))
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite(f"operator {self.name!r}")
         if not is_anyres(tokens, self.name):
             scores = tokens.signal("cls_attn", self.config.bottom_layer, op=f"operator {self.name!r}")
-            return keep_top(tokens, scores.to(torch.float64), self._single_k(tokens)).replace(budget=None)
+            k = self._single_k(tokens)
+            if isinstance(k, int) and k >= tokens.num_tokens:
+                return tokens.replace(budget=None)
+            return keep_top(tokens, scores, k).replace(budget=None)
         self.check_signals(tokens)
         dense = dense_parts(tokens, self.name)
         budget = self._budgets(tokens, dense)
         c_bot = dense_signal(tokens, dense, "cls_attn", self.config.bottom_layer, self.name)
         if self.config.compat == "official":
             crops_full = (dense.present | ~dense.exists.unsqueeze(2))[:, 1:].all()
-            if not bool(crops_full) and not self._disabled():
+            if checking_structure() and not self._disabled() and not bool(crops_full):
                 raise LayoutError(
                     "hired compat='official' ranks every crop token, padding included (the unpad then drops "
                     "those); the crops' padding tokens are missing here: pass the full crops or use compat='clean'"
@@ -244,9 +241,11 @@ class HiRED(Allocator):
         raster = torch.arange(dense.h * dense.w, device=tokens.device).expand(tokens.batch_size, -1)
         return emit(tokens, dense, keep, raster)
 
-    def _single_k(self, tokens: VisualTokens) -> Tensor:
-        n = tokens.counts
-        if self._disabled():
-            return n
-        return torch.tensor([min(max(self._total(int(c)), 1), int(c)) for c in n.tolist()], device=tokens.device)
+    def _single_k(self, tokens: VisualTokens) -> Tensor | int:
+        """Budget of a single-partition image: a host int when no image has padding, else ``[B]``."""
+        def k_of(c: int) -> int:
+            return c if self._disabled() else min(max(self._total(c), 1), c)
 
+        if tokens.mask is None:
+            return k_of(tokens.num_tokens)
+        return torch.tensor([k_of(int(c)) for c in tokens.counts.tolist()], device=tokens.device)

@@ -20,7 +20,7 @@ import torch
 
 from vtc.errors import ConfigError, LayoutError
 from vtc.ops.base import OpConfig, Operator
-from vtc.ops.pooling import pool_to_grid
+from vtc.ops.pooling import complete_grid, pool_complete_grid, pool_to_grid
 from vtc.registry import register
 from vtc.tokens import VisualTokens
 
@@ -46,8 +46,17 @@ class M3(Operator):
     anyres_view = "partitions"
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
-        tokens.check_finite("operator 'm3'")
         side = math.isqrt(self.config.keep)
+        grid = complete_grid(tokens)
+        if grid is not None:  # every cell present: avg_pool2d, as the official code, no host sync
+            P, h, w = grid
+            if h != w:
+                raise LayoutError("m3 pools square grids; these tokens' partitions are not square")
+            if h <= side:
+                return tokens  # keep >= the tokens present: nothing to pool
+            if h % side:
+                raise self._scale_error(h)
+            return pool_complete_grid(tokens, P, h, w, side, side)
         _, _, h, w = tokens.grid_position()
         hv, wv = h[tokens.valid], w[tokens.valid]
         if hv.numel() == 0:
@@ -58,10 +67,13 @@ class M3(Operator):
             return tokens  # keep >= the tokens present: nothing to pool
         bad = (hv % side != 0) | (hv < side)
         if bool(bad.any()):
-            raise ConfigError(
-                f"m3 keep={self.config.keep} needs a grid side divisible by {side}, but a partition is "
-                f"{int(hv[bad][0])}x{int(hv[bad][0])}; valid keep values: "
-                f"{[d * d for d in range(int(hv[bad][0]), 0, -1) if int(hv[bad][0]) % d == 0]}"
-            )
+            raise self._scale_error(int(hv[bad][0]))
         g = torch.full((tokens.batch_size,), side, dtype=torch.long, device=tokens.device)
         return pool_to_grid(tokens, g, g)
+
+    def _scale_error(self, h: int) -> ConfigError:
+        side = math.isqrt(self.config.keep)
+        return ConfigError(
+            f"m3 keep={self.config.keep} needs a grid side divisible by {side}, but a partition is "
+            f"{h}x{h}; valid keep values: {[d * d for d in range(h, 0, -1) if h % d == 0]}"
+        )

@@ -43,5 +43,7 @@ class RandomSelect(Selector):
     Config = RandomConfig
     default_stage = "vision"
 
-    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+    int_budget = True
+
+    def select(self, tokens: VisualTokens, k: Tensor | int) -> VisualTokens:
         return keep_top(tokens, hash_scores(tokens.index, self.config.seed), k)

@@ -47,13 +47,32 @@ def mask_from_order(order: Tensor, k: Tensor, n: int | None = None) -> Tensor:
     return m[:, :n]
 
 
-def keep_top(tokens: VisualTokens, scores: Tensor, k: Tensor,
-             order: Literal["original", "score"] = "original") -> VisualTokens:
+def descending_positions(scores: Tensor, k: int, *, stable: bool = True) -> Tensor:
+    """``[B, k]``: the positions of each row's ``k`` highest scores, by descending score (no padding,
+    no NaN). ``stable``: ties go to the lower position; ``stable=False`` is ``torch.argsort(...,
+    descending=True)``'s own order (what official code that calls it gets on the same device)."""
+    return torch.sort(scores, dim=1, descending=True, stable=stable).indices[:, :k]
+
+
+def rank_mask(order: Tensor, k: Tensor) -> Tensor:
+    """``[B, N]`` bool: true at the first ``k[b]`` positions listed in ``order`` (a permutation of
+    ``0..N-1`` per row). Unlike :func:`mask_from_order` it needs no host sync."""
+    B, N = order.shape
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+    return rank < k.view(B, 1)
+
+
+def keep_top(tokens: VisualTokens, scores: Tensor, k: Tensor | int,
+             order: Literal["original", "score"] = "original", *, stable: bool = True) -> VisualTokens:
     """Keep the ``k[b]`` highest-scoring tokens of each image.
 
     ``order="original"`` keeps them in their current (raster) order; ``"score"`` emits them by
-    descending score.
+    descending score. An ``int`` ``k`` (every image holds all its tokens: no mask) runs without a
+    host sync; ``stable`` as in :func:`descending_positions` (int ``k`` only).
     """
+    if isinstance(k, int):
+        idx = descending_positions(scores, k, stable=stable)
+        return tokens.gather(idx if order == "score" else idx.sort(dim=1).values)
     ranked = descending_order(scores, tokens.mask)
     if order == "score":
         return tokens.gather(*first_k(ranked, k))

@@ -21,6 +21,14 @@ away. ``metric``: ``"auto"`` (keys if recorded, else features), ``"keys"`` (requ
 them at ``layer``) or ``"x"``. Merged ``keys`` follow the size-weighted mean, so later steps match
 on the merged metric (as AIM does for merging outside a ViT).
 
+Precision and ties: each step scores in the metric's dtype in ToMe's order of operations
+(``m / ||m||``, ``A @ Bᵀ``, row max, ``argsort(descending=True)``); in ``compat="official"`` the
+argsort is torch's default (unstable) one, so fp16/bf16 ties break as in the official code on the
+same device; ``compat="clean"`` breaks ties to the lower position. Merged values are computed in at
+least float32 (the official ``merge_wavg`` runs in the model's dtype). When every image holds all
+its tokens (no mask, no partitions) the number merged per step is known on the host and the steps
+run without a host sync.
+
 Partitions: when tokens carry ``group`` (LLaVA-NeXT's base view and crops), a token merges with
 tokens of its own partition; only once every partition is down to one token do merges cross
 partitions (a budget below one token per partition). A merged token keeps its representative's
@@ -63,7 +71,7 @@ class ToMeConfig(SelectConfig):
 
 
 def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool, group: Tensor | None = None,
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   stable: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One bipartite soft-matching step on left-packed rows.
 
     With ``group`` ``[B, N]``, an A token may only merge into a B token of the same partition, and
@@ -77,7 +85,7 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
     B, N, _ = metric.shape
     dev = metric.device
     n = valid_count
-    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    m = _unit(metric)
     a_pos = torch.arange(0, N, 2, device=dev)
     b_pos = torch.arange(1, N, 2, device=dev)
     Na, Nb = a_pos.numel(), b_pos.numel()
@@ -98,7 +106,9 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
         scores = torch.where(has_pair.view(B, 1, 1), same, scores)
     best, best_dst = scores.max(-1)
     r = torch.minimum(r, torch.isfinite(best).sum(1))
-    order = torch.sort(best, dim=1, descending=True, stable=True).indices  # [B, Na] A indices
+    order = torch.sort(best, dim=1, descending=True, stable=stable).indices  # [B, Na] A indices
+    # padding A tokens last (an unstable sort may mix them with real ones whose best is -inf)
+    order = order.gather(1, torch.sort((~a_valid).gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
     inv = torch.empty_like(order).scatter_(1, order, torch.arange(Na, device=dev).expand(B, Na))
     nA = a_valid.sum(1)
     r_ = r.unsqueeze(1)
@@ -131,6 +141,42 @@ def bipartite_step(metric: Tensor, valid_count: Tensor, r: Tensor, protect: bool
     return assign, rep, slot_valid, r
 
 
+def _unit(metric: Tensor) -> Tensor:
+    """``m / ||m||`` in the metric's dtype (a zero vector stays 0 where ToMe's division gives NaN)."""
+    norm = metric.norm(dim=-1, keepdim=True)
+    return metric / norm.masked_fill(norm == 0, 1)
+
+
+def bipartite_fixed(metric: Tensor, r: int, protect: bool, stable: bool) -> tuple[Tensor, Tensor]:
+    """One soft-matching step on complete rows (no padding, no partitions, ``0 < r <= Na``): the
+    plain batched ToMe step. Returns ``assign [B, N]`` (output slot per position, ToMe's order
+    ``[unmerged A, B]``) and ``rep [B, N - r]`` (each slot's representative position). No host sync."""
+    B, N, _ = metric.shape
+    dev = metric.device
+    m = _unit(metric)
+    a, b = m[:, 0::2], m[:, 1::2]
+    Na, Nb = a.shape[1], b.shape[1]
+    scores = a @ b.transpose(1, 2)
+    if protect:
+        scores[:, 0, :] = float("-inf")
+    best, best_dst = scores.max(-1)
+    order = torch.sort(best, dim=1, descending=True, stable=stable).indices  # [B, Na]
+    n_unm = Na - r
+    unm = order[:, r:]
+    if protect:
+        unm = unm.sort(dim=1).values
+    ar = torch.arange(Na, device=dev)
+    # output slot of each A token: its rank among the unmerged ones, or its partner's slot
+    slot_unm = torch.empty_like(order).scatter_(1, unm, ar[:n_unm].expand(B, n_unm).contiguous())
+    is_src = torch.zeros(B, Na, dtype=torch.bool, device=dev).scatter_(1, order[:, :r], True)
+    slot_a = torch.where(is_src, best_dst + n_unm, slot_unm)
+    assign = torch.empty(B, N, dtype=torch.long, device=dev)
+    assign[:, 0::2] = slot_a
+    assign[:, 1::2] = ar[:Nb] + n_unm
+    rep = torch.cat([2 * unm, (2 * ar[:Nb] + 1).expand(B, Nb)], 1)
+    return assign, rep
+
+
 def track_first(tokens: VisualTokens) -> tuple[VisualTokens, int]:
     """``tokens`` with a private signal holding, through later merges, the first (smallest) original
     ``(index, group)`` inside each token, packed in one exact float64 with the partition count ``G``
@@ -144,9 +190,14 @@ def track_first(tokens: VisualTokens) -> tuple[VisualTokens, int]:
 def sort_by_first(tokens: VisualTokens, G: int) -> VisualTokens:
     """Merged tokens in raster order: sorted by the first original patch each contains, which becomes
     its ``index`` (and its partition its ``group``); drops the signal :func:`track_first` added."""
-    first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, float("inf"))
+    first = tokens.signals[_FIRST][0]
+    if tokens.mask is not None:
+        first = first.masked_fill(~tokens.mask, float("inf"))
     tokens = tokens.gather(torch.sort(first, dim=1, stable=True).indices, tokens.mask)
-    first = tokens.signals[_FIRST][0].masked_fill(~tokens.valid, 0).long()
+    first = tokens.signals[_FIRST][0]
+    if tokens.mask is not None:
+        first = first.masked_fill(~tokens.mask, 0)
+    first = first.long()
     return tokens.replace(index=first // G, group=None if tokens.group is None else first % G,
                           signals={s: v for s, v in tokens.signals.items() if s != _FIRST})
 
@@ -162,16 +213,35 @@ class ToMe(Selector):
             return {"keys": [22 if self.config.layer is None else self.config.layer]}
         return {}
 
-    def resolve_keep(self, counts: Tensor) -> Tensor:
+    int_budget = True
+
+    def resolve_keep(self, counts: Tensor | int) -> Tensor | int:
         cfg = self.config
         if cfg.keep is None and cfg.ratio is None and cfg.r is not None:
-            return (counts - cfg.r).clamp_min(1)
+            return max(counts - cfg.r, 1) if isinstance(counts, int) else (counts - cfg.r).clamp_min(1)
         return super().resolve_keep(counts)
 
-    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+    def _steps(self, n: int, k: int, protect: int, one_step: bool):
+        """Host schedule of merges per step, from ``n`` to ``k`` tokens."""
+        while n > k:
+            r = min(n - k, (n - protect) // 2)
+            if self.config.r is not None:
+                r = min(r, self.config.r)
+            if r <= 0:
+                raise BudgetError(
+                    f"tome cannot merge below {n} tokens with protect_cls=True "
+                    f"(asked for {k}); raise keep or disable protect_cls"
+                )
+            yield r
+            n -= r
+            if one_step:
+                return
+
+    def select(self, tokens: VisualTokens, k: Tensor | int) -> VisualTokens:
         cfg = self.config
         protect = 1 if cfg.protect_cls else 0
         sort_back = cfg.restore_order or cfg.compat == "clean"
+        G = 1
         if sort_back:
             tokens, G = track_first(tokens)
         key_layer = None
@@ -181,9 +251,17 @@ class ToMe(Selector):
         elif cfg.metric == "keys":
             raise SignalError(f"operator 'tome' with metric='keys' needs signal 'keys' at vision layer "
                               f"{22 if cfg.layer is None else cfg.layer}; record it with a tap")
+        one_step = cfg.keep is None and cfg.ratio is None and cfg.r is not None and tokens.budget is None
+        stable = cfg.compat == "clean"
+        if isinstance(k, int) and tokens.group is None:  # complete rows: a host schedule, no sync
+            for r in self._steps(tokens.num_tokens, k, protect, one_step):
+                metric = tokens.x if key_layer is None else tokens.signal("keys", key_layer, op="operator 'tome'")
+                tokens = tokens.merge(*bipartite_fixed(metric, r, bool(protect), stable), complete=True)
+            return self._finish(tokens, G if sort_back else 0, None)
+        if isinstance(k, int):
+            k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
         drop_all = k == 0
         target = k.clamp_min(1)
-        one_step = cfg.keep is None and cfg.ratio is None and cfg.r is not None and tokens.budget is None
         while True:
             n = tokens.counts
             room = (n - protect) // 2
@@ -198,12 +276,17 @@ class ToMe(Selector):
                     )
                 break
             metric = tokens.x if key_layer is None else tokens.signal("keys", key_layer, op="operator 'tome'")
-            assign, rep, slot_valid, _ = bipartite_step(metric, n, r, bool(protect), tokens.group)
+            assign, rep, slot_valid, _ = bipartite_step(metric, n, r, bool(protect), tokens.group, stable)
             tokens = tokens.merge(assign, rep, None if bool(slot_valid.all()) else slot_valid)
             if one_step:
                 break
-        if sort_back:
+        return self._finish(tokens, G if sort_back else 0, drop_all)
+
+    def _finish(self, tokens: VisualTokens, G: int, drop_all: Tensor | None) -> VisualTokens:
+        """Sort back to raster order when ``G`` (the partition count of the packed first-index
+        signal; 0: keep ToMe's order), and empty the images whose budget was 0."""
+        if G:
             tokens = sort_by_first(tokens, G)
-        if bool(drop_all.any()):
+        if drop_all is not None and bool(drop_all.any()):
             tokens = tokens.keep_mask((~drop_all).unsqueeze(1).expand(tokens.x.shape[:2]))
         return tokens

@@ -11,6 +11,9 @@ position ``floor((i + 1/2) * n / k)``. Output keeps the original order.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,7 @@ from torch import Tensor
 from vtc.errors import LayoutError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.registry import register
-from vtc.tokens import VisualTokens
+from vtc.tokens import VisualTokens, checking_structure
 
 
 @dataclass
@@ -48,12 +51,44 @@ def lattice_positions(h: Tensor, w: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     return r * w.unsqueeze(1) + c, m < k.unsqueeze(1)
 
 
+@functools.lru_cache(maxsize=64)
+def _host_lattice(h: int, w: int, k: int) -> tuple[int, ...]:
+    """:func:`lattice_positions` for one grid and ``k >= 1``, in raster order, in host integers."""
+    gh = min(max(math.ceil(math.sqrt(k * h / w)), 1), h)
+    gw = min(-(-k // gh), w)
+    gh = min(max(gh, -(-k // gw)), h)
+    L = gh * gw
+    out = []
+    for m in range(k):
+        i, j = divmod((2 * m + 1) * L // (2 * k), gw)
+        out.append(((2 * i + 1) * h // (2 * gh)) * w + (2 * j + 1) * w // (2 * gw))
+    return tuple(sorted(out))
+
+
+_DEVICE_POS: dict[tuple, Tensor] = {}
+
+
+def _positions(key: tuple, values: Callable[[], tuple[int, ...]], device: torch.device) -> Tensor:
+    t = _DEVICE_POS.get((key, device))
+    if t is None:
+        if len(_DEVICE_POS) > 128:
+            _DEVICE_POS.clear()
+        t = _DEVICE_POS[(key, device)] = torch.tensor(values(), dtype=torch.long, device=device)
+    return t
+
+
 @register("uniform")
 class Uniform(Selector):
     Config = UniformConfig
     default_stage = "vision"
+    int_budget = True
 
-    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+    def select(self, tokens: VisualTokens, k: Tensor | int) -> VisualTokens:
+        if isinstance(k, int):
+            out = self._select_fixed(tokens, k)
+            if out is not None:
+                return out
+            k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
         B, N = tokens.x.shape[:2]
         dev = tokens.device
         n = tokens.counts
@@ -83,3 +118,29 @@ class Uniform(Selector):
             grid_keep = table.gather(1, local.clamp(0, HW - 1)) & valid
             keep = torch.where(full.unsqueeze(1), grid_keep, keep)
         return tokens.keep_mask(keep)
+
+    def _select_fixed(self, tokens: VisualTokens, k: int) -> VisualTokens | None:
+        """Every image holds all ``N`` tokens and keeps ``k``: the positions follow from host facts
+        (no sync), or None when whether the tokens form a complete grid depends on the data."""
+        grid = tokens.uniform_grid()
+        if grid is None:
+            return None
+        P, h, w = grid
+        N = tokens.num_tokens
+        dev = tokens.device
+        if N != h * w:  # not one complete grid: evenly spaced in the current order
+            return tokens.gather(_positions(("even", N, k), lambda: tuple((2 * i + 1) * N // (2 * k)
+                                                                           for i in range(k)), dev)
+                                 .expand(tokens.batch_size, k))
+        if P != 1:
+            return None  # one partition's worth of tokens: complete only if they share a partition
+        if checking_structure():
+            tokens.check_layout()
+        target = _positions(("lattice", h, w, k), lambda: _host_lattice(h, w, k), dev)
+        B = tokens.batch_size
+        if tokens.raster:
+            return tokens.gather(target.expand(B, k))
+        # the tokens are a permutation of the grid: find where each lattice cell sits, keep current order
+        pos_of = torch.zeros(B, N, dtype=torch.long, device=dev).scatter_(
+            1, tokens.index, torch.arange(N, device=dev).expand(B, N))
+        return tokens.gather(pos_of[:, target].sort(dim=1).values)

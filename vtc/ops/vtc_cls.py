@@ -7,6 +7,8 @@ Score of patch ``j`` = sum over ``layers`` of the head-mean, post-softmax CLS→
 ``signals["cls_attn"][l][:, j]``; keep the top ``k`` (ties: lowest position) in raster order, before
 the projector (stage ``vision``). Default layers 16..22 (HF CLIP numbering; 22 is the layer whose
 output LLaVA uses), i.e. the official ``--layer 16`` with the ``attentions[start:-1]`` slice.
+As in the official code the layers are stacked and summed in one reduction, in the signal's dtype
+(fp16 in the official runs): one rounding, so half-precision scores match the official ones.
 
 The official code only supports LLaVA-1.5 (one partition, batch 1); on AnyRes inputs vtc scores
 each partition with its own CLS attention and, given per-partition budgets, selects per partition.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from vtc.errors import ConfigError
@@ -49,12 +52,11 @@ class VtcCls(Selector):
     def requires(self) -> dict[str, list[int]]:
         return {"cls_attn": sorted_layers(set(self.config.layers))}
 
+    int_budget = True
+
     def scores(self, tokens: VisualTokens) -> Tensor:
         sig = [tokens.signal("cls_attn", l, op="operator 'vtc-cls'") for l in self.config.layers]
-        out = sig[0].clone()  # summed in layer order, in the signal's dtype
-        for s in sig[1:]:
-            out = out + s
-        return out
+        return sig[0] if len(sig) == 1 else torch.stack(sig).sum(0)  # one reduction, the signal's dtype
 
-    def select(self, tokens: VisualTokens, k: Tensor) -> VisualTokens:
+    def select(self, tokens: VisualTokens, k: Tensor | int) -> VisualTokens:
         return keep_top(tokens, self.scores(tokens), k)
