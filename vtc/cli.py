@@ -46,12 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-absolute-paths", action="store_true",
                    help="let task image paths point outside the task file's folder")
     c = sub.add_parser("convert", help="convert a VQA benchmark's release files to vtc JSONL (see vtc.bench.convert)")
-    c.add_argument("format", choices=["vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme"])
+    c.add_argument("format", choices=["vqav2", "gqa", "textvqa", "pope", "scienceqa", "mme", "mmbench", "seed", "mmstar",
+                                      "ocrbench", "vizwiz"])
     c.add_argument("--out", required=True, help="output .jsonl (image paths are written relative to it)")
     c.add_argument("--questions", nargs="*", default=[], help="the benchmark's question file(s)")
     c.add_argument("--annotations", default=None, help="vqav2: the annotations file")
-    c.add_argument("--images", default=".", help="the image folder (mme: the benchmark's root folder)")
+    c.add_argument("--images", default=".", help="the image folder (mme: the benchmark's root folder; mmbench, mmstar: "
+                   "where to decode the embedded images, default <out>_images/)")
     c.add_argument("--split", default="test", help="scienceqa: which split")
+    c.add_argument("--no-circular", action="store_true", help="mmbench: the original option order only (no CircularEval)")
+    c.add_argument("--skip-missing", action="store_true", help="drop questions whose image is not under --images")
     r = sub.add_parser("report", help="rebuild report.md, report.csv and plots of a run from its rows")
     r.add_argument("run_dir")
     r.add_argument("--no-plots", action="store_true")
@@ -94,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from vtc.bench.convert import convert
 
             n = convert(args.format, args.out, questions=args.questions, images=args.images,
-                        annotations=args.annotations, split=args.split)
+                        annotations=args.annotations, split=args.split, circular=not args.no_circular,
+                        skip_missing=args.skip_missing)
             print(f"wrote {n} questions to {args.out}")
         elif args.command == "report":
             from vtc.bench.report import build_report

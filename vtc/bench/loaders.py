@@ -13,9 +13,12 @@ JSONL format (one question per line; paths relative to the JSONL file, or to ``i
     {"id": "q1", "image": "images/1.jpg", "question": "Is there a dog?", "answers": ["yes"],
      "question_type": "yes/no"}
 
-``answers`` may also be a single string ``answer``; ``id`` (or ``question_id``) defaults to the
+``answers`` may also be a single string ``answer``; ``"answers": []`` marks a question without a
+public answer (a test split): it is answered, not scored, and the report writes its predictions
+as a submission file; ``id`` (or ``question_id``) defaults to the
 line number; ``question_type`` (or ``qtype``) is optional. VQAv2, GQA, TextVQA, POPE,
-ScienceQA-IMG and MME convert to this with a few lines (see eval/README.md).
+ScienceQA-IMG, MME, MMBench, SEED-Bench, MMStar, OCRBench and VizWiz convert to this with ``vtc convert``
+(see eval/README.md).
 """
 
 from __future__ import annotations
@@ -180,8 +183,8 @@ def _jsonl_question(line: str, lineno: int, root: Path, fname: str) -> Question:
         problems.append("'image' (a path) is missing")
     if not isinstance(rec.get("question"), str) or not rec["question"].strip():
         problems.append("'question' is missing")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int, float)) for a in answers):
-        problems.append("'answers' (a non-empty list of strings) is missing")
+    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) for a in answers):
+        problems.append("'answers' (a list of strings; [] for a test split without public answers) is missing")
     if problems:
         return Question(qid=qid, image=None, question=str(rec.get("question", "")), answers=[],
                         error=f"{where}: " + "; ".join(problems))

@@ -45,7 +45,8 @@ from vtc.bench.flops import ModelShape, estimate
 from vtc.bench.latency import profile
 from vtc.bench.loaders import Question
 from vtc.bench.lock import RunLock
-from vtc.bench.metrics import get_metric
+from vtc.bench.memory import CellMemory
+from vtc.bench.metrics import get_metric, question_fields
 from vtc.bench.models import clear_cache, load_model
 from vtc.bench.rows import RowStore, cell_rows
 from vtc.bench.tasks import Task, select
@@ -232,8 +233,9 @@ class Runner:
 
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{cell.model.name} {cell.task.name} {cell.label}",
                        unit="q", dynamic_ncols=True)
+        memory = CellMemory(state.device)
         try:
-            with attached(state.model, pipeline, **cell.apply_options) as att, PromptCounter(state.model) as counter:
+            with memory, attached(state.model, pipeline, **cell.apply_options) as att, PromptCounter(state.model) as counter:
                 for bi, start in enumerate(range(0, len(todo), bs)):
                     batch = todo[start:start + bs]
                     rows = self.answer(cell, batch, state, att, counter, pipeline)
@@ -250,11 +252,11 @@ class Runner:
         ctx.barrier()
         if ctx.main:
             rows = store.merge([q.qid for q in qs])  # shards folded in; one row per question, question order
-            self._finish_cell(cell, rows, qs, state, pipeline)
+            self._finish_cell(cell, rows, qs, state, pipeline, memory.result() if todo else None)
         ctx.barrier()
 
     def _finish_cell(self, cell: Cell, rows: list[dict[str, Any]], qs: list[Question], state: _ModelState,
-                     pipeline: Any) -> None:
+                     pipeline: Any, memory: dict[str, Any] | None = None) -> None:
         from vtc.bench.report import summarize_cell
 
         meta_path = self.dir / "cells" / f"{cell.id}.json"
@@ -272,6 +274,7 @@ class Runner:
             "id": cell.id, "hash": cell.hash, "model": cell.model.name, "task": cell.task.name, "method": cell.method,
             "budget": cell.budget, "metric": cell.task.metric, "pipeline": None if pipeline is None else str(pipeline),
             "spec": cell.spec(), "env": state.env, "latency": latency, "questions": len(qs),
+            "memory": memory or (old.get("memory") if old.get("hash") == cell.hash else None),
         }
         base = None
         if not cell.is_baseline:
@@ -308,7 +311,7 @@ class Runner:
             "qid": q.qid, "cell": cell.id, "hash": cell.hash, "model": cell.model.name, "task": cell.task.name,
             "method": cell.method, "budget": cell.budget, "pipeline": None if att.pipeline is None else str(att.pipeline),
             "applied": att.applied, "question": q.question, "answers": q.answers, "qtype": q.qtype,
-            "prediction": None, "score": None, "error": None, "env": state.env,
+            "prediction": None, "score": None, "error": None, "env": state.env, **question_fields(q, cell.task.metric),
         }
 
     def _inputs(self, cell: Cell, qs: Sequence[Question], images: list[Any], state: _ModelState) -> dict[str, Any]:
@@ -398,7 +401,7 @@ class Runner:
                        new_tokens=int(n_new[i]), passes=int(passes[i]), time_s=wall / len(qs), batch_time_s=wall,
                        batch_size=len(qs))
             try:
-                row["score"] = metric.score(pred, q.answers)
+                row["score"] = metric.score_question(pred, q.answers, q.meta) if q.answers else None
             except VtcError as e:
                 row["error"] = f"cannot score: {e}"
             vis_in = None if use_pipe is None or use_pipe.has_stage("vision") else int(visual[i])
