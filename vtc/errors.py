@@ -41,3 +41,11 @@ class UnsupportedModelError(VtcError, TypeError):
 
 class TapError(VtcError, RuntimeError):
     """A tap could not record what was asked (layer out of range, no CLS token, ...)."""
+
+
+class RunFolderError(VtcError, RuntimeError):
+    """A bench run folder cannot be used as it is (a damaged file, a folder another run holds)."""
+
+
+class RunLockedError(RunFolderError):
+    """Another ``vtc bench`` process is running on the same run folder."""

@@ -93,24 +93,29 @@ def create(name: str, **kwargs: Any) -> Operator:
 
 
 def yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` that rejects a mapping naming the same key twice (PyYAML keeps the last)."""
+    """``yaml.safe_load`` that rejects a mapping naming the same key twice (PyYAML keeps the last).
+
+    The document is composed with the safe loader first (nodes only, nothing constructed) to find
+    repeated keys, then loaded with ``yaml.safe_load``.
+    """
     import yaml
 
-    class _Loader(yaml.SafeLoader):
-        pass
+    def walk(node: Any) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+                if key is not None and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is given twice; give each key once", key_node.start_mark)
+                seen.add(key)
+                walk(value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
 
-    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice; give each key once", key_node.start_mark)
-            seen.add(key)
-        return loader.construct_mapping(node, deep=True)
-
-    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    walk(yaml.compose(text, Loader=yaml.SafeLoader))
+    return yaml.safe_load(text)
 
 
 def _parse_scalar_string(value: str) -> Any:

@@ -32,7 +32,7 @@ def write_jsonl_task(root: Path, n: int = 6, *, broken_image: bool = True, malfo
     if broken_image:
         (root / "img" / "broken.png").write_text("this is not a png")
         lines.insert(2, json.dumps({"id": "q_broken", "image": "img/broken.png", "question": "what color?",
-                                    "answers": ["red"]}))
+                                    "answers": ["red"] * 10}))
     if malformed:
         lines.insert(4, "{not json")
         lines.append(json.dumps({"id": "q_noanswer", "image": "img/0.png", "question": "what color?"}))

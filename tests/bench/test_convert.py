@@ -17,6 +17,15 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def _png(path: Path, color=(200, 40, 40), size=(24, 24)) -> bytes:
+    """A small real image at ``path`` (whatever its extension says); returns its bytes."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="PNG")
+    return path.read_bytes()
+
+
 def test_vqav2(tmp_path):
     (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": [
         {"image_id": 42, "question": "What color?", "question_id": 420}, {"image_id": 7, "question": "Unanswered?", "question_id": 70}]}))
@@ -24,18 +33,25 @@ def test_vqav2(tmp_path):
         {"question_id": 420, "image_id": 42, "answer_type": "other",
          "answers": [{"answer": "red", "answer_id": i + 1} for i in range(10)]}]}))
     out = tmp_path / "data" / "val.jsonl"
+    _png(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
+    _png(tmp_path / "val2014" / "COCO_val2014_000000000007.jpg")
     assert main(["convert", "vqav2", "--out", str(out), "--questions", str(tmp_path / "q.json"), "--annotations",
                  str(tmp_path / "a.json"), "--images", str(tmp_path / "val2014")]) == 0
     (rec,) = _lines(out)
     assert rec == {"id": 420, "image": "../val2014/COCO_val2014_000000000042.jpg", "question": "What color?",
                    "answers": ["red"] * 10, "question_type": "other"}
-    (q,) = load_jsonl("val", out.parent, path="val.jsonl")  # the loader resolves the relative path
+    # the loader resolves the relative path; it leaves the JSONL's folder, which the user must allow
+    (q,) = load_jsonl("val", out.parent, path="val.jsonl", allow_absolute_paths=True)
     assert Path(q.image) == (tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
 
 
 def test_gqa_textvqa_pope_scienceqa(tmp_path):
     (tmp_path / "gqa.json").write_text(json.dumps({"201": {"imageId": "n1", "question": "Is it red?", "answer": "no",
                                                            "types": {"structural": "verify"}}}))
+    _png(tmp_path / "img" / "n1.jpg")
+    _png(tmp_path / "ti" / "ab.jpg")
+    _png(tmp_path / "coco" / "x.jpg")
+    _png(tmp_path / "sqa" / "test" / "5" / "image.png")
     convert("gqa", tmp_path / "gqa.jsonl", questions=[str(tmp_path / "gqa.json")], images=str(tmp_path / "img"))
     assert _lines(tmp_path / "gqa.jsonl") == [{"id": "201", "image": "img/n1.jpg", "question": "Is it red?",
                                                "answers": ["no"], "question_type": "verify"}]
@@ -64,16 +80,16 @@ def test_gqa_textvqa_pope_scienceqa(tmp_path):
 def test_mme_layouts(tmp_path):
     root = tmp_path / "MME"
     (root / "color").mkdir(parents=True)
-    (root / "color" / "1.jpg").write_bytes(b"")
+    _png(root / "color" / "1.jpg")
     (root / "color" / "1.txt").write_text("Is it red? Please answer yes or no.\tYes\nIs it blue? Please answer yes or no.\tNo\n")
     (root / "artwork" / "images").mkdir(parents=True)
     (root / "artwork" / "questions_answers_YN").mkdir()
-    (root / "artwork" / "images" / "9.png").write_bytes(b"")
+    _png(root / "artwork" / "images" / "9.png")
     (root / "artwork" / "questions_answers_YN" / "9.txt").write_text("Is this a painting?\tYes\n")
     assert convert("mme", tmp_path / "mme.jsonl", images=str(root)) == 3
     recs = _lines(tmp_path / "mme.jsonl")
     assert [r["id"] for r in recs] == ["artwork/9/0", "color/1/0", "color/1/1"]
-    assert recs[2]["answers"] == ["No"] and recs[2]["question_type"] == "color"
+    assert recs[2]["answers"] == ["No"] and recs[2]["question_type"] == "color" and recs[2]["group"] == "color/1"
 
 
 def test_errors(tmp_path):

@@ -72,9 +72,9 @@ def test_end_to_end_through_the_cli(tmp_path, jsonl_task, capsys):
                  "plots/tiny__colors__tflops.png"):
         assert (out / name).is_file(), name
 
-    # a rerun finds every row on disk and answers nothing
+    # a rerun with --keep-errors finds every row on disk and answers nothing
     calls = []
-    run(load_config(tmp_path / "cfg.yaml"), on_batch=lambda *a: calls.append(a), progress=False)
+    run(load_config(tmp_path / "cfg.yaml"), on_batch=lambda *a: calls.append(a), progress=False, keep_errors=True)
     assert calls == []
     assert _rows(out, "baseline") == base
 
@@ -98,7 +98,7 @@ def test_resume_after_interrupt(tmp_path, jsonl_task):
 
     answered = []
     run(cfg, on_batch=lambda cell, i, rows: answered.extend(r["qid"] for r in rows), progress=False)
-    assert answered == ORDER[4:]  # only what was missing
+    assert answered == ["q_broken", *ORDER[4:]]  # only what was missing, and the error row asked again
     final = _rows(out, "baseline")
     assert [r["qid"] for r in final] == ORDER  # complete, no duplicates, in order
     assert final[:4] == first
@@ -183,3 +183,94 @@ def test_prompt_counter_counts_at_the_language_model_input():
     text = ((inputs["input_ids"] != model.config.image_token_id) & inputs["attention_mask"].bool()).sum(1)
     assert counter.lengths == inputs["attention_mask"].sum(1).tolist()  # the prefill call, not the decode steps
     assert [n - t for n, t in zip(counter.lengths, text.tolist())] == [576, 576]
+
+
+def test_every_file_of_a_run_is_written_atomically_and_a_damaged_cell_is_rebuilt(tmp_path, jsonl_task, monkeypatch,
+                                                                                  capsys):
+    import os
+
+    replaced = set()
+    real_replace = os.replace
+
+    def recording_replace(src, dst):
+        replaced.add(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(jsonl_task, out, limit=4, budgets=[32])))
+    assert main(["bench", str(cfg), "--no-progress"]) == 0
+    written = {p for p in out.rglob("*") if p.is_file()}
+    assert {p.name for p in written} >= {"config.yaml", "run.json", "summary.jsonl", "report.md", "report.csv"}
+    assert written == replaced  # every file: a temporary renamed over the target, none written in place
+    # a cell file cut short (a disk filling up): `vtc report` names it and the fix, `vtc bench` rebuilds it
+    cell = next((out / "cells").glob("*__divprune-32__*.json"))
+    good = json.loads(cell.read_text())
+    cell.write_text(cell.read_text()[:50])
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(cell) in err and "damaged: truncated" in err and "rerun `vtc bench`" in err
+    assert main(["bench", str(cfg), "--no-progress", "--keep-errors"]) == 0
+    assert "rebuilding it from the rows" in capsys.readouterr().err
+    rebuilt = json.loads(cell.read_text())
+    # the cell's peak memory was measured while it answered; a rebuild that answers nothing cannot know it
+    mem = ("peak_mem_mib", "peak_mem_kind", "mem_base_mib")
+    assert rebuilt["memory"] is None and good["memory"]["kind"].startswith("cpu_rss_growth")
+    assert {k: v for k, v in rebuilt["summary"].items() if k not in mem} == {k: v for k, v in good["summary"].items() if k not in mem}
+    assert rebuilt["spec"] == good["spec"]
+    assert main(["report", str(out)]) == 0
+
+
+def test_error_rows_are_asked_again_on_resume_unless_keep_errors(tmp_path, jsonl_task):
+    from PIL import Image
+
+    out = tmp_path / "run"
+    cfg = load_config(tiny_config(jsonl_task, out, pipelines=[], limit=4))
+    run(cfg, progress=False)
+    assert _rows(out, "baseline")[2]["error"].startswith("unreadable image")  # q_broken
+    Image.new("RGB", (40, 32), (30, 30, 220)).save(jsonl_task.parent / "img" / "broken.png")  # the image is restored
+    asked = []
+    run(cfg, progress=False, keep_errors=True, on_batch=lambda c, i, rows: asked.extend(r["qid"] for r in rows))
+    assert asked == [] and _rows(out, "baseline")[2]["error"]
+    run(cfg, progress=False, on_batch=lambda c, i, rows: asked.extend(r["qid"] for r in rows))
+    assert asked == ["q_broken"]
+    rows = _rows(out, "baseline")
+    assert [r["qid"] for r in rows] == ["q0", "q1", "q_broken", "q2"]  # one row each, question order
+    assert rows[2]["error"] is None and isinstance(rows[2]["prediction"], str)
+    (cell,) = (out / "cells").iterdir()
+    assert json.loads(cell.read_text())["summary"]["errors"] == 0
+
+
+def test_a_pipeline_that_cannot_run_fails_the_pre_flight_before_any_cell(tmp_path, jsonl_task, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(jsonl_task, tmp_path / "run", budgets=[64],
+                                              pipelines=["divprune:keep={budget}", "m3:keep=25"])))
+    assert main(["bench", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pre-flight failed: pipeline 'm3:keep=25' on tiny / colors / m3" in err and "24x24" in err
+    assert "No cell has run" in err
+    assert not (tmp_path / "run" / "rows").exists()  # not even the baseline
+
+
+@pytest.mark.parametrize("flags, config, match", [
+    (["--batch-size", "0"], {}, "--batch-size must be a whole number >= 1, got 0"),
+    (["--batch-size", "-1"], {}, "--batch-size must be"),
+    ([], {"batch_size": -2}, "batch_size must be a whole number >= 1, got -2"),
+    ([], {"batch_size": 0}, "batch_size must be"),
+    ([], {"limit": "abc"}, "limit must be a whole number >= 1 or null, got 'abc'"),
+    (["--limit", "0"], {}, "--limit must be"),
+    ([], {"seed": -1}, "seed must be"),
+    (["--threads", "0"], {}, "--threads must be >= 1"),
+])
+def test_bad_batch_size_and_limit_fail_before_a_model_loads(tmp_path, jsonl_task, monkeypatch, capsys, flags, config,
+                                                            match):
+    import vtc.bench.runner as runner
+
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(jsonl_task, tmp_path / "run", **config)))
+    assert main(["bench", str(cfg), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtc bench: error: ") and match in err and "Traceback" not in err

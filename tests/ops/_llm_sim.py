@@ -148,7 +148,7 @@ def run_reference(world: World, b: int, decide, layers: list[int]) -> list[list]
         if layer in layers:
             kept, added = decide(seq, layer, state)
             names = []
-            for e, (members, centre, h) in enumerate(added):
+            for e, (_members, centre, h) in enumerate(added):
                 tid = ("c", layer, e, world.visual_number(b, centre))
                 world.added[(b, tid)] = h
                 names.append(tid)

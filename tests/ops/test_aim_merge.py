@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from _ops_testlib import assert_batch_equals_alone, grid_tokens, np64
@@ -82,3 +81,18 @@ def test_explicit_r_and_feature_metric():
     assert vtc.create("aim_merge", metric="x").requires == {} and vtc.create("aim_merge").requires == {"keys": [23]}
     with pytest.raises(vtc.VtcError):
         vtc.create("aim_merge", r=[4], keep=3)
+
+
+def test_allocator_budgets_are_met_without_keep_or_ratio():
+    """Per-partition budgets (an allocator's) bound the output even when aim_merge has no keep=/ratio=
+    of its own: AIM's schedule stops at the budget, then merging goes on until it is met (it used to
+    run the schedule alone: a 3-token partition with budget 1 kept 2)."""
+    t = grid_tokens([5, 17], 3, D=4, seed=0, parts=2, signals={"keys": ([23], 4)})
+    budget = torch.tensor([[1, 0], [2, 5]])
+    out = vtc.create("aim_merge")(t.replace(budget=budget))
+    for b in range(2):
+        n = int(out.counts[b])
+        for p in range(2):
+            got = int((out.group[b, :n] == p).sum())
+            present = int((t.group[b, : int(t.counts[b])] == p).sum())
+            assert got == min(int(budget[b, p]), present)

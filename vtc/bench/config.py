@@ -21,6 +21,11 @@
     stratify: qtype               # qtype | answer | null
     seed: 0
     latency: {warmup: 1, repeats: 3, new_tokens: 8, batch: 1}   # or false
+    plugins: [mypkg.metrics]      # modules to import first (THIS RUNS THEIR CODE; see vtc.bench.trust)
+    allow_absolute_paths: false   # true: task image paths may leave the task file's folder
+
+``batch_size``, ``limit`` and ``seed`` are validated here (whole numbers; ``batch_size`` and
+``limit`` at least 1), like everything else, before any model loads.
 
 Each cell has a hash over what determines its answers (model, task, pipeline, question
 selection; not the batch size or the device), and its rows live in a file named after it, so a
@@ -31,8 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +46,26 @@ from typing import Any
 from vtc.bench.latency import LatencyConfig
 from vtc.bench.models import ModelEntry, model_entry
 from vtc.bench.tasks import STRATA, Task, load_task
+from vtc.bench.trust import TrustPolicy
 from vtc.errors import ConfigError
 
 __all__ = ["BenchConfig", "Cell", "PipelineSpec", "load_config", "BASELINE"]
 
 BASELINE = "baseline"
 _KEYS = {"name", "output", "models", "tasks", "pipelines", "budgets", "baseline", "batch_size", "limit", "stratify",
-         "seed", "latency", "description"}
+         "seed", "latency", "description", "plugins", "allow_absolute_paths"}
+
+
+def _count(value: Any, what: str, *, minimum: int, none_ok: bool, fix: str) -> int | None:
+    """``value`` as an int >= ``minimum`` (None when ``none_ok``), or a ConfigError naming ``what``."""
+    if value is None and none_ok:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and value.is_integer():
+        value, ok = int(value), True
+    if not ok or value < minimum:
+        raise ConfigError(f"{what} must be a whole number >= {minimum}{' or null' if none_ok else ''}, got {value!r}; {fix}")
+    return value
 
 
 def _safe(s: str) -> str:
@@ -179,6 +198,7 @@ class BenchConfig:
     seed: int = 0
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     source: dict[str, Any] = field(default_factory=dict)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)  # what the user allowed (vtc.bench.trust)
 
     def cells(self) -> list[Cell]:
         """Every cell, grouped by model then task; the baseline first in each group."""
@@ -205,14 +225,20 @@ class BenchConfig:
 
 def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | None = None,
                 limit: int | None = None, stratify: str | None = None, batch_size: int | None = None,
-                latency: bool | None = None) -> BenchConfig:
-    """Parse a bench config file (or mapping); keyword arguments override its values (the CLI flags)."""
+                latency: bool | None = None, plugins: Sequence[str] = (), trust_remote_code: bool = False,
+                allow_absolute_paths: bool = False) -> BenchConfig:
+    """Parse a bench config file (or mapping); keyword arguments override its values (the CLI flags).
+
+    ``plugins``, ``trust_remote_code`` and ``allow_absolute_paths`` are the user's opt-ins of
+    :mod:`vtc.bench.trust` (``--plugin``, ``--trust-remote-code``, ``--allow-absolute-paths``);
+    the config's own ``plugins:`` modules are imported too, before any name is checked.
+    Everything is validated here, before a model loads."""
     if isinstance(source, Mapping):
         data, base = dict(source), Path.cwd()
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"bench config {str(path)!r} does not exist")
+        from vtc.resources import config_path
+
+        path = config_path(source)  # a file, or the name of a shipped config ("quick")
         import yaml
 
         try:
@@ -230,9 +256,29 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
         if not data.get(key):
             raise ConfigError(f"bench config needs a non-empty '{key}' list")
     name = str(data.get("name", "bench"))
-    g_limit = limit if limit is not None else data.get("limit")
+    allow_paths = data.get("allow_absolute_paths", False)
+    if not isinstance(allow_paths, bool):
+        raise ConfigError(f"allow_absolute_paths must be true or false, got {allow_paths!r}")
+    trust = TrustPolicy.build(cli_plugins=plugins, config_plugins=data.get("plugins"),
+                              trust_remote_code=trust_remote_code, allow_absolute_paths=allow_absolute_paths or allow_paths)
+    if data.get("plugins"):
+        logging.getLogger("vtc.bench").warning(
+            "vtc bench: the config imports plugin module(s) %s (this runs their code)", ", ".join(data["plugins"])
+            if isinstance(data["plugins"], list) else data["plugins"])
+    trust.import_plugins()  # plugins register metrics, operators, loaders and sources before names are checked
+    # the CLI's --limit / --batch-size are named as flags, the config's keys as keys
+    if limit is not None:
+        limit = _count(limit, "--limit", minimum=1, none_ok=False, fix="it is the number of questions per task")
+    g_limit = limit if limit is not None else _count(data.get("limit"), "limit", minimum=1, none_ok=True,
+                                                     fix="it is the number of questions per task (null: all)")
     g_strat = stratify if stratify is not None else data.get("stratify")
-    seed = int(data.get("seed", 0))
+    seed = _count(data.get("seed", 0), "seed", minimum=0, none_ok=False, fix="it seeds the stratified selection")
+    if batch_size is not None:
+        batch_size = _count(batch_size, "--batch-size", minimum=1, none_ok=False,
+                            fix="it is the number of questions per generate call")
+    else:
+        batch_size = _count(data.get("batch_size", 8), "batch_size", minimum=1, none_ok=False,
+                            fix="it is the number of questions per generate call")
     tasks = []
     task_models: dict[str, list[str]] = {}
     for t in data["tasks"]:
@@ -244,9 +290,11 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
             t_limit = limit if limit is not None else t.pop("limit", g_limit)
             t_strat = stratify if stratify is not None else t.pop("stratify", g_strat)
             t.pop("limit", None), t.pop("stratify", None)
-            task = load_task(src, base_dir=base, **t)
+            t_limit = _count(t_limit, f"limit of task {src!r}", minimum=1, none_ok=True,
+                             fix="it is the number of questions of this task (null: all)")
+            task = load_task(src, base_dir=base, trust=trust, **t)
         else:
-            task, t_limit, t_strat = load_task(t, base_dir=base), g_limit, g_strat
+            task, t_limit, t_strat = load_task(t, base_dir=base, trust=trust), g_limit, g_strat
         if t_strat is not None and t_strat not in STRATA:
             raise ConfigError(f"stratify must be one of {STRATA} or null, got {t_strat!r}")
         tasks.append((task, {"limit": None if t_limit is None else int(t_limit), "stratify": t_strat, "seed": seed}))
@@ -255,7 +303,7 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
     names = [t.name for t, _ in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be unique in a config, got {names}")
-    models = [model_entry(m) for m in data["models"]]
+    models = [model_entry(m, trust) for m in data["models"]]
     if len({m.name for m in models}) != len(models):
         raise ConfigError(f"model names must be unique in a config, got {[m.name for m in models]}")
     budgets = data.get("budgets")
@@ -276,6 +324,5 @@ def load_config(source: str | Path | Mapping[str, Any], *, output: str | Path | 
     return BenchConfig(
         name=name, output=out, models=models, tasks=tasks, pipelines=pipelines,
         baseline=[str(b) for b in baseline] if isinstance(baseline, list) else bool(baseline),
-        task_models=task_models, batch_size=int(batch_size or data.get("batch_size", 8)),
-        seed=seed, latency=lat, source=data,
+        task_models=task_models, batch_size=batch_size, seed=seed, latency=lat, source=data, trust=trust,
     )

@@ -39,6 +39,17 @@ class DistContext:
 
             dist.barrier()
 
+    def agree(self, ok: bool) -> bool:
+        """True when ``ok`` is true on every process (a collective: every process must call it)."""
+        if self.world == 1:
+            return ok
+        import torch.distributed as dist
+
+        nccl = dist.get_backend() == "nccl"
+        flag = torch.tensor([1 if ok else 0], device=torch.device("cuda", self.local_rank) if nccl else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def close(self) -> None:
         if self.initialized_here:
             import torch.distributed as dist

@@ -19,7 +19,6 @@ Speed claims come from these profiles run side by side in one run, never from te
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from vtc.bench.attach import language_model, projector, vision_tower
+from vtc.bench.memory import proc_status, reset_rss_peak
 from vtc.errors import ConfigError, UnsupportedModelError
 from vtc.integrations.kv_cache import cache_in, cache_length
 
@@ -160,33 +160,19 @@ def _is_prefill(args: tuple, kwargs: dict) -> bool:
     return cache_length(cache_in(kwargs)) == 0
 
 
-def _rss_hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            m = re.search(r"VmHWM:\s+(\d+)\s+kB", fh.read())
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
-
-
 def reset_peak_memory(device: torch.device) -> bool:
     """Reset the peak-memory counter; False when only a lifetime peak is available."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return True
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+    return reset_rss_peak()
 
 
 def peak_memory(device: torch.device) -> tuple[int | None, str]:
     """``(bytes, kind)``: CUDA max allocated on GPU, else the process's peak RSS."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    hwm = _rss_hwm()
+    hwm = proc_status("VmHWM")
     if hwm is not None:
         return hwm, "rss_peak"
     import resource

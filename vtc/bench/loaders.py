@@ -2,8 +2,8 @@
 
 A loader is a function ``loader(split: str, base_dir: Path, **options) -> Iterable[Question]``
 registered with :func:`register_loader` (``"easy_vqa"``, ``"jsonl"``; the embedded model's scene
-generator registers ``"tiny_scenes"``). A task manifest may also name any importable function as
-``"package.module:function"``. Loaders never open images: a :class:`Question` carries a path (or
+generator registers ``"tiny_scenes"``). A task manifest may also name a function of an allowed
+plugin module (:mod:`vtc.bench.trust`) as ``"package.module:function"``. Loaders never open images: a :class:`Question` carries a path (or
 an in-memory image, or a function making one) and the runner opens it, so an unreadable image
 becomes an error row instead of stopping the run. A malformed source record becomes a Question
 whose ``error`` says what is wrong.
@@ -13,9 +13,12 @@ JSONL format (one question per line; paths relative to the JSONL file, or to ``i
     {"id": "q1", "image": "images/1.jpg", "question": "Is there a dog?", "answers": ["yes"],
      "question_type": "yes/no"}
 
-``answers`` may also be a single string ``answer``; ``id`` (or ``question_id``) defaults to the
+``answers`` may also be a single string ``answer``; ``"answers": []`` marks a question without a
+public answer (a test split): it is answered, not scored, and the report writes its predictions
+as a submission file; ``id`` (or ``question_id``) defaults to the
 line number; ``question_type`` (or ``qtype``) is optional. VQAv2, GQA, TextVQA, POPE,
-ScienceQA-IMG and MME convert to this with a few lines (see eval/README.md).
+ScienceQA-IMG, MME, MMBench, SEED-Bench, MMStar, OCRBench and VizWiz convert to this with ``vtc convert``
+(see eval/README.md).
 """
 
 from __future__ import annotations
@@ -133,20 +136,34 @@ def load_easy_vqa(split: str = "test", base_dir: Path | None = None) -> Iterator
 
 # ----------------------------------------------------------------------------- JSONL
 @register_loader("jsonl")
-def load_jsonl(split: str = "test", base_dir: Path | None = None, *, path: str, image_root: str | None = None) -> Iterator[Question]:
-    """Questions from a JSONL file (see the module docstring); ``{split}`` in ``path`` is replaced."""
+def load_jsonl(split: str = "test", base_dir: Path | None = None, *, path: str, image_root: str | None = None,
+               allow_absolute_paths: bool = False) -> Iterator[Question]:
+    """Questions from a JSONL file (see the module docstring); ``{split}`` in ``path`` is replaced.
+
+    Image paths (and ``image_root``) must resolve inside the JSONL file's folder unless
+    ``allow_absolute_paths`` (the run's ``--allow-absolute-paths``; see :mod:`vtc.bench.trust`);
+    one that does not raises :class:`~vtc.errors.ConfigError` before any question is answered.
+    """
+    from vtc.bench.trust import TrustPolicy
+
+    policy = TrustPolicy(allow_absolute_paths=allow_absolute_paths)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     file = Path(path.format(split=split))
     file = file if file.is_absolute() else base / file
     if not file.is_file():
         raise ConfigError(f"JSONL task file {str(file)!r} does not exist (paths are relative to the task manifest)")
-    root = Path(image_root) if image_root else file.parent
-    root = root if root.is_absolute() else file.parent / root
+    home = file.parent
+    root = Path(image_root) if image_root else home
+    root = root if root.is_absolute() else home / root
+    policy.check_path(root, home, f"{file.name}: image_root")
     with file.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            yield _jsonl_question(line, lineno, root, file.name)
+            q = _jsonl_question(line, lineno, root, file.name)
+            if q.error is None:
+                policy.check_path(q.image, home, f"{file.name}:{lineno}: image path")
+            yield q
 
 
 def _jsonl_question(line: str, lineno: int, root: Path, fname: str) -> Question:
@@ -166,8 +183,8 @@ def _jsonl_question(line: str, lineno: int, root: Path, fname: str) -> Question:
         problems.append("'image' (a path) is missing")
     if not isinstance(rec.get("question"), str) or not rec["question"].strip():
         problems.append("'question' is missing")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int, float)) for a in answers):
-        problems.append("'answers' (a non-empty list of strings) is missing")
+    if not isinstance(answers, list) or not all(isinstance(a, (str, int, float)) for a in answers):
+        problems.append("'answers' (a list of strings; [] for a test split without public answers) is missing")
     if problems:
         return Question(qid=qid, image=None, question=str(rec.get("question", "")), answers=[],
                         error=f"{where}: " + "; ".join(problems))

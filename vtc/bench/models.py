@@ -3,8 +3,9 @@
 A config lists models as mappings::
 
     - name: llava-1.5-7b
-      source: hf                          # hf | qwen-vl | random-llava | random-llava-next | random-qwen2-vl |
-                                          # random-qwen2-5-vl | random-qwen3-vl | package.module:function
+      source: hf                          # hf | qwen-vl | tiny | random-llava | random-llava-next |
+                                          # random-qwen2-vl | random-qwen2-5-vl | random-qwen3-vl |
+                                          # package.module:function
       path: llava-hf/llava-1.5-7b-hf      # hf: a hub id or a local folder (from_pretrained)
       dtype: float16                      # float32 | float16 | bfloat16
       device: auto                        # auto: cuda when available, else cpu
@@ -16,7 +17,9 @@ A source is a function ``source(entry) -> (model, processor)`` registered with
 ``random-qwen2-5-vl`` / ``random-qwen3-vl`` build the tiny random models of
 :mod:`vtc.models.random` (offline, for smoke runs); ``qwen-vl`` loads a Qwen2-VL / Qwen2.5-VL /
 Qwen3-VL checkpoint held in a local folder (use ``chat: auto``: the checkpoint's chat template
-places the image). Loaded models are cached per process.
+places the image). A ``package.module:function`` source must come from an allowed plugin module,
+and ``trust_remote_code`` in ``options`` needs ``--trust-remote-code`` (:mod:`vtc.bench.trust`);
+``hf`` and ``qwen-vl`` load safetensors weights only. Loaded models are cached per process.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from vtc.bench.trust import TrustPolicy
 from vtc.errors import ConfigError
 
 __all__ = ["ModelEntry", "register_source", "load_model", "model_entry", "DTYPES", "DEFAULT_CHAT"]
@@ -51,6 +55,8 @@ class ModelEntry:
     device: str = "auto"
     chat: str = DEFAULT_CHAT
     options: dict[str, Any] = field(default_factory=dict)
+    #: the user passed --trust-remote-code (not part of the hash; see vtc.bench.trust)
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -90,16 +96,28 @@ class ModelEntry:
                               "give chat: 'USER: <image>\\n{prompt} ASSISTANT:' instead") from e
 
 
-def model_entry(data: Mapping[str, Any] | str) -> ModelEntry:
-    """A ModelEntry from a config mapping (or a bare source name such as ``random-llava``)."""
+def model_entry(data: Mapping[str, Any] | str, trust: TrustPolicy | None = None) -> ModelEntry:
+    """A ModelEntry from a config mapping (or a bare source name such as ``random-llava``).
+
+    ``trust`` (:class:`~vtc.bench.trust.TrustPolicy`, default: nothing beyond vtc's built-ins)
+    decides whether a ``package.module:function`` source and ``trust_remote_code`` are allowed."""
+    trust = trust or TrustPolicy()
     if isinstance(data, str):
         data = {"name": data, "source": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a model entry is a mapping (name, source, path, ...) or a source name, got {data!r}")
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise ConfigError(f"model entry has unknown key(s) {unknown}; valid keys: {sorted(_KEYS)}")
     if "name" not in data:
         raise ConfigError(f"model entry needs a name, got {dict(data)!r}")
-    return ModelEntry(**data)
+    owner = f"model {data['name']!r}"
+    trust.check_function("model source", str(data.get("source", "hf")), owner)
+    options = data.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{owner}: options is a mapping of keyword arguments, got {options!r}")
+    trust.check_model_options(dict(options), owner)
+    return ModelEntry(**data, trust_remote_code=trust.trust_remote_code)
 
 
 Source = Callable[[ModelEntry], tuple[Any, Any]]
@@ -194,8 +212,11 @@ def _qwen_vl(entry: ModelEntry):
                           f"(config.json, weights, processor files), got {entry.path!r}")
     kwargs = dict(entry.options)
     pixels = {k: kwargs.pop(k) for k in ("min_pixels", "max_pixels") if k in kwargs}
+    TrustPolicy(trust_remote_code=entry.trust_remote_code).check_model_options(kwargs, f"model {entry.name!r}")
+    kwargs.pop("use_safetensors", None)
+    # safetensors only, as the hf source: a pickled .bin checkpoint is refused instead of unpickled
     model = AutoModelForImageTextToText.from_pretrained(entry.path, dtype=entry.torch_dtype, local_files_only=True,
-                                                        **kwargs)
+                                                        use_safetensors=True, **kwargs)
     family = adapter_for(model).family
     if family != "qwen_vl":
         raise ConfigError(f"model {entry.name!r}: {entry.path} holds a {type(model).__name__} ({family}), not a Qwen VL "
@@ -211,8 +232,14 @@ def _hf(entry: ModelEntry):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kwargs = dict(entry.options)
-    model = AutoModelForImageTextToText.from_pretrained(entry.path, dtype=entry.torch_dtype, **kwargs)
-    processor = AutoProcessor.from_pretrained(entry.path)
+    owner = f"model {entry.name!r}"
+    TrustPolicy(trust_remote_code=entry.trust_remote_code).check_model_options(kwargs, owner)
+    remote = bool(kwargs.pop("trust_remote_code", False))
+    kwargs.pop("use_safetensors", None)
+    # safetensors only: a pickled .bin checkpoint is refused by transformers instead of unpickled
+    model = AutoModelForImageTextToText.from_pretrained(entry.path, dtype=entry.torch_dtype, use_safetensors=True,
+                                                        trust_remote_code=remote, **kwargs)
+    processor = AutoProcessor.from_pretrained(entry.path, trust_remote_code=remote)
     tok = getattr(processor, "tokenizer", None)
     if tok is not None:
         tok.padding_side = "left"  # batched generation needs left padding

@@ -1,86 +1,115 @@
-"""Answer normalisation for VQA-style scoring, written from the VQA evaluation's description.
+"""The VQA answer processor of the EvalAI VQA challenge, rule for rule, quirks included.
 
-Before two answers are compared, both go through the same steps: lower-case; newlines and tabs
-become spaces; a comma between two digits is dropped ("1,000" -> "1000"); a period is dropped
-unless it is a decimal point between digits; every other punctuation mark becomes a space, except
-an apostrophe inside a word; number words become digits ("two" -> "2", "none" -> "0"); the
-articles "a", "an" and "the" are dropped; a contraction written without its apostrophe becomes the
-apostrophe form ("dont" -> "don't", "youre" -> "you're"), so both spellings compare equal; runs of
-spaces collapse to one. Unlike the reference evaluation script, which normalises the ground-truth
-answers only when the annotators disagree, vtc normalises every ground-truth answer (files users
-bring are not pre-normalised), so an answer always matches itself.
+VQAv2, TextVQA and VizWiz scores are only comparable with published numbers when answers are
+normalised exactly as the reference scorers do. The reference is the answer processor the EvalAI
+VQA challenge runs on submissions (the official VQA evaluation's ``processPunctuation`` and
+``processDigitArticle``, preceded by a tokenisation step), which lmms-eval ships as
+``EvalAIAnswerProcessor`` and uses for VQAv2, TextVQA, VizWiz and OK-VQA. vtc reimplements its
+published rules; the steps, in order:
+
+1. :func:`tokenize` (EvalAI only): lower-case; delete every ``,`` and ``?``; ``'s`` becomes
+   `` 's`` (``"dog's"`` -> ``"dog 's"``); strip. Then newlines and tabs become spaces, strip.
+2. :func:`process_punctuation`: for each mark of :data:`PUNCTUATION` (``; / [ ] " { } ( ) = + \\
+   _ - > < @ ` , ? !``): when the *input* has the mark next to a space, or has a comma between two
+   digits, the mark is deleted, otherwise it becomes a space. Then every period not followed by a
+   digit is deleted, at most 32 of them (the reference passes ``re.UNICODE`` (= 32) where
+   ``re.sub`` expects its ``count``). Marks outside the list (``: ' % $ # & * ^ ~ |``) stay.
+3. :func:`process_digit_article`: lower-case, split on whitespace; the number words zero..ten and
+   ``none`` become digits; the articles ``a``, ``an``, ``the`` are dropped; a word written as a
+   known contraction without (some of) its apostrophes gets them back (``dont`` -> ``don't``,
+   ``hed've`` -> ``he'd've``); words are joined by one space.
+
+The contraction table is the reference's: every canonical form of :data:`_CANONICAL`, keyed by
+that form with one of its apostrophes removed. Its quirks are kept: ``somebody'd`` becomes
+``somebodyd``; the reference's capitalised keys (``Im``, ``Ive``, ``Id've``) never match the
+lower-cased words, so ``im`` and ``ive`` stay as written; ``its``, ``id``, ``ill``, ``well``,
+``were``, ``hell``, ``shell``, ``wed``, ``shed``, ``whos``... follow the table (only those it
+lists change). Because step 1 splits ``'s`` off, ``"what's"`` becomes ``"what 's"`` while
+``"whats"`` becomes ``"what's"``.
+
+:func:`evalai_answer` runs steps 1-3, :func:`vqa_answer` steps 2-3 (what the official VQA
+evaluation applies to ground truth). POPE's and MME's yes/no readings live in
+:mod:`vtc.bench.metrics` with the metrics that use them.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["normalize_answer", "NUMBER_WORDS", "ARTICLES", "CONTRACTIONS", "yes_no"]
+__all__ = ["evalai_answer", "vqa_answer", "tokenize", "process_punctuation", "process_digit_article",
+           "normalize_answer", "NUMBER_WORDS", "ARTICLES", "CONTRACTIONS", "PUNCTUATION"]
 
 NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 
-# apostrophe-less spelling -> canonical spelling (vtc's own list of common English contractions)
-_CONTRACTED = [
-    "ain't", "aren't", "can't", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
-    "hasn't", "haven't", "he'd", "he'll", "he's", "how'd", "how'll", "how's", "i'd", "i'll", "i'm",
-    "i've", "isn't", "it'd", "it'll", "it's", "let's", "ma'am", "mightn't", "might've", "mustn't",
-    "must've", "needn't", "o'clock", "shan't", "she'd", "she'll", "she's", "should've", "shouldn't",
-    "that's", "there's", "there'd", "there'll", "they'd", "they'll", "they're", "they've", "wasn't",
-    "we'd", "we'll", "we're", "we've", "weren't", "what'll", "what're", "what's", "what've",
-    "when's", "where'd", "where's", "where've", "who'd", "who'll", "who're", "who's", "who've",
-    "why's", "won't", "would've", "wouldn't", "y'all", "you'd", "you'll", "you're", "you've",
-]
-# "well", "were", "hell", "shell", "id", "its", "lets", "wed", "ill", "shed", "whos" are ordinary
-# words too; only unambiguous apostrophe-less spellings are rewritten
-_AMBIGUOUS = {"well", "were", "hell", "shell", "id", "its", "lets", "wed", "ill", "shed", "hed", "cant", "wont",
-              "im"}
-CONTRACTIONS = {c.replace("'", ""): c for c in _CONTRACTED if c.replace("'", "") not in _AMBIGUOUS}
-CONTRACTIONS.update({"cant": "can't", "wont": "won't", "im": "i'm"})  # never ordinary words in answers
-
-_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
-_NON_DECIMAL_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
-_PUNCT = re.compile(r"[!\"#$%&()*+,\-/:;<=>?@\[\\\]^_`{|}~]")
-_SPACES = re.compile(r"\s+")
+# canonical spellings; each is reached from itself with any one apostrophe removed
+_CANONICAL = """
+ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've
+mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't
+shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's
+something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've
+they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's what've when's
+where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've
+wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
+""".split()
 
 
-def _word(w: str) -> str | None:
-    w = w.strip("'")
-    if not w:
-        return None
-    if w in ARTICLES:
-        return None
-    w = NUMBER_WORDS.get(w, w)
-    if "'" not in w:
-        w = CONTRACTIONS.get(w, w)
-    return w
+def _contractions() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for form in _CANONICAL:
+        for i, ch in enumerate(form):
+            if ch == "'":
+                table[form[:i] + form[i + 1:]] = form
+    table["somebody'd"] = "somebodyd"  # the reference's entry, the wrong way round
+    return table
 
 
-def normalize_answer(text: str) -> str:
-    """The normalised form of an answer (see the module docstring for the steps)."""
-    s = str(text).lower().replace("\n", " ").replace("\t", " ")
-    s = _DIGIT_COMMA.sub("", s)
-    s = _NON_DECIMAL_PERIOD.sub(" ", s)
-    s = _PUNCT.sub(" ", s)
-    words = (_word(w) for w in _SPACES.split(s.strip()))
-    return " ".join(w for w in words if w)
+#: word -> replacement, as the reference's table acts on lower-case words
+CONTRACTIONS = _contractions()
+
+_DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
+_PERIOD = re.compile(r"\.(?!\d)")
+_MAX_PERIODS = 32  # re.UNICODE, passed by the reference as re.sub's count
 
 
-def yes_no(text: str) -> str | None:
-    """``"yes"`` / ``"no"`` read from a free-form answer, or None when it says neither.
+def tokenize(text: str) -> str:
+    """Step 1 (EvalAI's tokenisation): see the module docstring."""
+    s = str(text).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return s.replace("\n", " ").replace("\t", " ").strip()
 
-    The first word decides when it is yes or no ("Yes, there is a dog." -> yes); otherwise the
-    first of the two words anywhere in the answer does ("There is no dog" -> no).
-    """
-    words = normalize_answer(text).split()
-    if not words:
-        return None
-    if words[0] in ("yes", "no"):
-        return words[0]
-    for w in words:
-        if w in ("yes", "no", "not"):
-            return "no" if w in ("no", "not") else "yes"
-    return None
+
+def process_punctuation(text: str) -> str:
+    """Step 2: see the module docstring."""
+    delete_all = _DIGIT_COMMA.search(text) is not None
+    out = text
+    for mark in PUNCTUATION:
+        if delete_all or (mark + " ") in text or (" " + mark) in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD.sub("", out, count=_MAX_PERIODS)
+
+
+def process_digit_article(text: str) -> str:
+    """Step 3: see the module docstring."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def vqa_answer(text: str) -> str:
+    """Steps 2 and 3: the official VQA evaluation's normalisation."""
+    return process_digit_article(process_punctuation(text))
+
+
+def evalai_answer(text: str) -> str:
+    """Steps 1 to 3: the EvalAI answer processor (lmms-eval's ``EvalAIAnswerProcessor``)."""
+    return vqa_answer(tokenize(text))
+
+
+#: the normal form vtc compares free-form answers in (agreement, answer strata): EvalAI's
+normalize_answer = evalai_answer

@@ -2,9 +2,19 @@
 
 A cell's rows live in ``RUN_DIR/rows/<cell id>.jsonl``. Under sharding each process appends to
 its own ``<cell id>.rank<r>.jsonl`` and rank 0 merges them into the cell's file (question order,
-one row per question id) once every process is done. Resume: :meth:`RowStore.done` lists the
-question ids already written (merged file and this process's shard); a line cut short by a crash
-is dropped when the file is reopened, so a crash loses at most the batch in flight.
+one row per question id) once every process is done.
+
+Crashes and resume. Each batch's rows are appended with one ``write`` and ``fsync``-ed before the
+next batch starts. A process killed mid-write (SIGKILL, power cut, a full disk) can leave a last
+line cut short; :meth:`RowStore.prepare` (called when a cell starts) finds every line that is not
+a complete JSON row, drops it and rewrites the file atomically, so the question it held is simply
+asked again: a crash loses at most the batch in flight, never a complete row, and never glues a
+new row onto half of an old one. Readers (:func:`read_rows`, reports) skip such lines too.
+Unless ``keep_errors``, :meth:`RowStore.prepare` also drops error rows, so their questions are
+asked again (after a missing image is restored, say). :meth:`RowStore.done` then lists the
+question ids already answered. A file therefore never holds two rows of one question;
+:func:`cell_rows`, which summaries and reports read, keeps the first row of a question should one
+ever appear twice.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RowStore", "read_rows", "write_rows"]
+from vtc.bench.files import atomic_open
+
+__all__ = ["RowStore", "read_rows", "write_rows", "cell_rows"]
 
 
 def _parse(line: str) -> dict[str, Any] | None:
@@ -57,15 +69,21 @@ def _dumps(row: dict[str, Any]) -> str:
 
 
 def write_rows(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Atomically replace ``path`` with ``rows``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    """Atomically replace ``path`` with ``rows`` (:func:`vtc.bench.files.atomic_open`)."""
+    with atomic_open(path) as fh:
         for row in rows:
             fh.write(_dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+
+def cell_rows(run_dir: str | Path, cell_id: str) -> list[dict[str, Any]]:
+    """A cell's rows as summaries and reports read them: its merged file, then any shards, one row
+    per question (the first written wins)."""
+    rows_dir = Path(run_dir) / "rows"
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in [rows_dir / f"{cell_id}.jsonl", *sorted(rows_dir.glob(f"{cell_id}.rank*.jsonl"))]:
+        for row in read_rows(path):
+            by_id.setdefault(row["qid"], row)
+    return list(by_id.values())
 
 
 class RowStore:
@@ -88,6 +106,15 @@ class RowStore:
         if len(rows) != len([line for line in lines if line.strip()]) or (text and not text.endswith("\n")):
             write_rows(path, rows)
         return rows
+
+    def prepare(self, keep_errors: bool = False, main: bool = True) -> None:
+        """Before a cell runs: drop cut-short lines (and, unless ``keep_errors``, error rows) from this
+        process's file, and from the merged file on the ``main`` process (see the module docstring)."""
+        paths = [self.own] + ([self.path] if main and self.path != self.own else [])
+        for path in paths:
+            rows = self._repair(path)
+            if not keep_errors and any(r.get("error") for r in rows):
+                write_rows(path, [r for r in rows if not r.get("error")])
 
     def done(self) -> set[str]:
         """Question ids already written for this cell (merged file and this process's shard)."""

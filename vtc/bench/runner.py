@@ -1,9 +1,14 @@
 """The bench runner: answers every question of every cell and writes one row per question.
 
 ``run(config)`` walks the grid of :mod:`vtc.bench.config` (per model, per task: the uncompressed
-baseline first, then each pipeline at each budget). For each cell it
+baseline first, then each pipeline at each budget). First it locks the run folder
+(:mod:`vtc.bench.lock`: a second run on the same folder stops at once, naming the first's PID) and
+runs a **pre-flight**: every cell's pipeline (the baseline included) generates one token for one
+real question on its model, so a pipeline that cannot run on a model's inputs (``m3:keep=25`` on a
+24x24 grid) stops the run before any cell, with a message naming the cell. Then for each cell it
 
-1. skips the questions whose rows are already on disk (resume), shards the rest across
+1. skips the questions whose rows are already on disk (resume) — error rows are dropped and
+   asked again unless ``keep_errors`` (``--keep-errors``) — and shards the rest across
    processes when launched by ``torchrun`` / ``accelerate launch``;
 2. answers them in batches with greedy ``generate``, under the pipeline attached by
    :func:`vtc.bench.attach.attached`, and appends each batch's rows to the cell's JSONL file
@@ -11,7 +16,8 @@ baseline first, then each pipeline at each budget). For each cell it
    flight); an unreadable image, a malformed source record or a question that fails on its own
    becomes an error row and the run goes on;
 3. on rank 0: merges the shards, profiles latency and memory on the first questions
-   (:mod:`vtc.bench.latency`) and writes the cell's summary to ``cells/<cell id>.json``.
+   (:mod:`vtc.bench.latency`) and writes the cell's summary to ``cells/<cell id>.json``
+   (atomically, :mod:`vtc.bench.files`; a damaged one from an earlier run is rebuilt from the rows).
 
 At the end rank 0 writes the report (:mod:`vtc.bench.report`). A row holds the prediction, its
 score, the visual tokens before and after compression, the text and generated token counts, the
@@ -22,6 +28,7 @@ batch's wall time (and the per-question share), the analytic FLOPs per stage
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,26 +40,35 @@ from vtc.bench import dist
 from vtc.bench.attach import Attachment, PromptCounter, attached
 from vtc.bench.config import BenchConfig, Cell, load_config
 from vtc.bench.env import environment
+from vtc.bench.files import read_json, write_json, write_text
 from vtc.bench.flops import ModelShape, estimate
 from vtc.bench.latency import profile
 from vtc.bench.loaders import Question
-from vtc.bench.metrics import get_metric
+from vtc.bench.lock import RunLock
+from vtc.bench.memory import CellMemory
+from vtc.bench.metrics import get_metric, question_fields
 from vtc.bench.models import clear_cache, load_model
-from vtc.bench.rows import RowStore
+from vtc.bench.rows import RowStore, cell_rows
 from vtc.bench.tasks import Task, select
-from vtc.errors import InputError, VtcError
+from vtc.errors import ConfigError, InputError, RunFolderError, RunLockedError, VtcError
 
 __all__ = ["run", "Runner", "BatchHook"]
+
+log = logging.getLogger("vtc.bench")
 
 #: called after each batch's rows are on disk: ``hook(cell, batch_index, rows)``
 BatchHook = Callable[[Cell, int, list[dict[str, Any]]], None]
 
 
 def run(config: BenchConfig | str | Path, *, on_batch: BatchHook | None = None, progress: bool = True,
-        **overrides: Any) -> Path:
-    """Run a bench config (a path or a parsed :class:`BenchConfig`); returns the run folder."""
+        keep_errors: bool = False, force: bool = False, **overrides: Any) -> Path:
+    """Run a bench config (a path or a parsed :class:`BenchConfig`); returns the run folder.
+
+    ``keep_errors``: error rows on disk count as answered (default: asked again). ``force``: break
+    a lock the operating system cannot confirm is held (see :mod:`vtc.bench.lock`). ``overrides``
+    go to :func:`~vtc.bench.config.load_config` (the CLI flags)."""
     cfg = config if isinstance(config, BenchConfig) else load_config(config, **overrides)
-    return Runner(cfg, on_batch=on_batch, progress=progress).run()
+    return Runner(cfg, on_batch=on_batch, progress=progress, keep_errors=keep_errors, force=force).run()
 
 
 class _ModelState:
@@ -76,10 +92,13 @@ class Runner:
     #: consecutive questions failing in generate (not in loading) before the run stops
     max_consecutive_failures: int = 16
 
-    def __init__(self, config: BenchConfig, *, on_batch: BatchHook | None = None, progress: bool = True) -> None:
+    def __init__(self, config: BenchConfig, *, on_batch: BatchHook | None = None, progress: bool = True,
+                 keep_errors: bool = False, force: bool = False) -> None:
         self.config = config
         self.on_batch = on_batch
         self.progress = progress
+        self.keep_errors = keep_errors
+        self.force = force
         self.dir = Path(config.output)
         self._questions: dict[str, list[Question]] = {}
         self._cells: list[Cell] = []
@@ -88,42 +107,98 @@ class Runner:
     # ------------------------------------------------------------------ top level
     def run(self) -> Path:
         ctx = dist.context()
-        cells = self._cells = self.config.cells()
-        for cell in cells:  # a missing task file fails now, not after hours of other cells
-            self.questions(cell.task, cell.selection)
+        lock = None
+        try:
+            cells = self._cells = self.config.cells()
+            for cell in cells:  # a missing task file or a refused path fails now, before the folder is touched
+                self.questions(cell.task, cell.selection)
+            lock = self._lock(ctx)
+            self._run(ctx, cells)
+        finally:
+            if lock is not None:
+                lock.release()
+            ctx.close()
+        return self.dir
+
+    def _lock(self, ctx: dist.DistContext) -> RunLock | None:
+        """Rank 0 locks the run folder; every rank learns whether it could."""
+        lock, err = None, None
+        if ctx.main:
+            try:
+                lock = RunLock(self.dir, force=self.force).acquire()
+            except RunLockedError as e:
+                err = e
+        if not ctx.agree(err is None):
+            raise err or RunLockedError(f"rank 0 could not lock the run folder {str(self.dir)!r} (see its message)")
+        if lock is not None and lock.stale:
+            log.warning("vtc bench: %s", lock.stale)
+        return lock
+
+    def _run(self, ctx: dist.DistContext, cells: list[Cell]) -> None:
         if ctx.main:
             (self.dir / "cells").mkdir(parents=True, exist_ok=True)
             import yaml
 
-            (self.dir / "config.yaml").write_text(yaml.safe_dump(self.config.source, sort_keys=False))
-            (self.dir / "run.json").write_text(json.dumps({"name": self.config.name, "cells": [c.id for c in cells]},
-                                                          indent=1))
+            write_text(self.dir / "config.yaml", yaml.safe_dump(self.config.source, sort_keys=False))
+            write_json(self.dir / "run.json", {"name": self.config.name, "cells": [c.id for c in cells]}, indent=1)
         ctx.barrier()
+        states = self._preflight(cells, ctx)
+        for cell in cells:
+            if cell.model.name not in states:
+                states.clear()  # one model in memory at a time
+                clear_cache()
+                states[cell.model.name] = self._load(cell, ctx)
+            self.run_cell(cell, states[cell.model.name], ctx)
+        if ctx.main:
+            from vtc.bench.report import build_report
+
+            build_report(self.dir)
+
+    def _preflight(self, cells: list[Cell], ctx: dist.DistContext) -> dict[str, _ModelState]:
+        """Run every cell's pipeline once on a real question of its model, before any cell.
+
+        Models load one at a time, the run's first model last, so it stays loaded for the first
+        cell. Returns ``{model name: state}`` of the model left loaded."""
+        by_model: dict[str, list[Cell]] = {}
+        for cell in cells:
+            by_model.setdefault(cell.model.name, []).append(cell)
+        states: dict[str, _ModelState] = {}
+        for name in reversed(list(by_model)):
+            states.clear()
+            clear_cache()
+            state = states[name] = self._load(by_model[name][0], ctx)
+            for cell in by_model[name]:
+                self._preflight_cell(cell, state)
+        return states
+
+    def _preflight_cell(self, cell: Cell, state: _ModelState) -> None:
+        picked = None
+        for q in self.questions(cell.task, cell.selection):
+            if q.error:
+                continue
+            try:
+                picked = (q, q.load_image())
+                break
+            except InputError:
+                continue
+        pipeline = cell.pipeline()
+        where = f"{cell.model.name} / {cell.task.name} / {cell.label}"
         try:
-            states: dict[str, _ModelState] = {}
-            for cell in cells:
-                if cell.model.name not in states:
-                    if states:  # one model in memory at a time
-                        states.clear()
-                        clear_cache()
-                    states[cell.model.name] = self._load(cell, ctx)
-                    self._check_attach(cell.model.name, states[cell.model.name])
-                self.run_cell(cell, states[cell.model.name], ctx)
-            if ctx.main:
-                from vtc.bench.report import build_report
-
-                build_report(self.dir)
-        finally:
-            ctx.close()
-        return self.dir
-
-    def _check_attach(self, model_name: str, state: _ModelState) -> None:
-        """Attach and remove every pipeline of the model once, so a pipeline the model cannot take
-        (missing taps, wrong options) fails before any cell runs."""
-        for cell in self._cells:
-            if cell.model.name == model_name and not cell.is_baseline:
-                with attached(state.model, cell.pipeline(), **cell.apply_options):
-                    pass
+            with attached(state.model, pipeline, **cell.apply_options):
+                if picked is None:  # no readable question: attaching is all that can be checked
+                    return
+                inputs = self._inputs(cell, [picked[0]], [picked[1]], state)
+                with torch.inference_mode():
+                    state.model.generate(**inputs, max_new_tokens=1, do_sample=False, num_beams=1)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure here is the pipeline's or the model's
+            what = "the uncompressed model" if pipeline is None else f"pipeline {str(pipeline)!r}"
+            qid = picked[0].qid if picked is not None else "?"
+            raise ConfigError(
+                f"pre-flight failed: {what} on {where} (question {qid!r}): {type(e).__name__}: {e}. "
+                "No cell has run. Every pipeline runs once on a real question of each model before the first cell; "
+                "fix or remove this one and rerun.") from e
 
     def _device(self, cell: Cell, ctx: dist.DistContext) -> torch.device:
         return cell.model.resolved_device(ctx.local_rank)
@@ -144,6 +219,8 @@ class Runner:
         qs = self.questions(cell.task, cell.selection)
         store = RowStore(self.dir, cell.id, ctx.rank, ctx.world)
         mine = dist.shard(qs, ctx.rank, ctx.world)
+        store.prepare(keep_errors=self.keep_errors, main=ctx.main)  # torn lines dropped; error rows asked again
+        ctx.barrier()
         done = store.done()
         todo = [q for q in mine if q.qid not in done]
         pipeline = cell.pipeline()
@@ -154,8 +231,9 @@ class Runner:
 
             bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"{cell.model.name} {cell.task.name} {cell.label}",
                        unit="q", dynamic_ncols=True)
+        memory = CellMemory(state.device)
         try:
-            with attached(state.model, pipeline, **cell.apply_options) as att, PromptCounter(state.model) as counter:
+            with memory, attached(state.model, pipeline, **cell.apply_options) as att, PromptCounter(state.model) as counter:
                 for bi, start in enumerate(range(0, len(todo), bs)):
                     batch = todo[start:start + bs]
                     rows = self.answer(cell, batch, state, att, counter, pipeline)
@@ -171,16 +249,22 @@ class Runner:
                 bar.close()
         ctx.barrier()
         if ctx.main:
-            rows = store.merge([q.qid for q in qs]) if ctx.world > 1 else store.rows()
-            self._finish_cell(cell, rows, qs, state, pipeline)
+            rows = store.merge([q.qid for q in qs])  # shards folded in; one row per question, question order
+            self._finish_cell(cell, rows, qs, state, pipeline, memory.result() if todo else None)
         ctx.barrier()
 
     def _finish_cell(self, cell: Cell, rows: list[dict[str, Any]], qs: list[Question], state: _ModelState,
-                     pipeline: Any) -> None:
+                     pipeline: Any, memory: dict[str, Any] | None = None) -> None:
         from vtc.bench.report import summarize_cell
 
         meta_path = self.dir / "cells" / f"{cell.id}.json"
-        old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        old: dict[str, Any] = {}
+        if meta_path.is_file():
+            try:
+                old = read_json(meta_path)
+            except RunFolderError as e:
+                log.warning("vtc bench: %s; rebuilding it from the rows (its latency profile is measured again)", e)
+            old = old if isinstance(old, dict) else {}
         latency = old.get("latency") if old.get("hash") == cell.hash else None
         if latency is None and self.config.latency.enabled:
             latency = self._latency(cell, qs, state, pipeline)
@@ -188,15 +272,16 @@ class Runner:
             "id": cell.id, "hash": cell.hash, "model": cell.model.name, "task": cell.task.name, "method": cell.method,
             "budget": cell.budget, "metric": cell.task.metric, "pipeline": None if pipeline is None else str(pipeline),
             "spec": cell.spec(), "env": state.env, "latency": latency, "questions": len(qs),
+            "memory": memory or (old.get("memory") if old.get("hash") == cell.hash else None),
         }
         base = None
         if not cell.is_baseline:
             base_cells = [c for c in self._cells if c.is_baseline and c.model.name == cell.model.name
                           and c.task.name == cell.task.name]
             if base_cells:
-                base = RowStore(self.dir, base_cells[0].id).rows()
+                base = cell_rows(self.dir, base_cells[0].id)
         meta["summary"] = summarize_cell(meta, rows, base)
-        meta_path.write_text(json.dumps(meta, indent=1, default=str))
+        write_json(meta_path, meta, indent=1, default=str)
 
     def _latency(self, cell: Cell, qs: list[Question], state: _ModelState, pipeline: Any) -> dict[str, Any] | None:
         images, picked = [], []
@@ -224,7 +309,7 @@ class Runner:
             "qid": q.qid, "cell": cell.id, "hash": cell.hash, "model": cell.model.name, "task": cell.task.name,
             "method": cell.method, "budget": cell.budget, "pipeline": None if att.pipeline is None else str(att.pipeline),
             "applied": att.applied, "question": q.question, "answers": q.answers, "qtype": q.qtype,
-            "prediction": None, "score": None, "error": None, "env": state.env,
+            "prediction": None, "score": None, "error": None, "env": state.env, **question_fields(q, cell.task.metric),
         }
 
     def _inputs(self, cell: Cell, qs: Sequence[Question], images: list[Any], state: _ModelState) -> dict[str, Any]:
@@ -314,7 +399,7 @@ class Runner:
                        new_tokens=int(n_new[i]), passes=len(grids[i]), time_s=wall / len(qs), batch_time_s=wall,
                        batch_size=len(qs))
             try:
-                row["score"] = metric.score(pred, q.answers)
+                row["score"] = metric.score_question(pred, q.answers, q.meta) if q.answers else None
             except VtcError as e:
                 row["error"] = f"cannot score: {e}"
             vis_in = None if use_pipe is None or use_pipe.has_stage("vision") else int(visual[i])

@@ -28,6 +28,7 @@ from typing import Any
 from vtc.bench.loaders import Question, get_loader
 from vtc.bench.metrics import get_metric
 from vtc.bench.normalize import normalize_answer
+from vtc.bench.trust import TrustPolicy
 from vtc.errors import ConfigError
 
 __all__ = ["Task", "load_task", "select", "STRATA"]
@@ -49,6 +50,8 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
     description: str = ""
+    #: image paths may leave the task file's folder (the run's --allow-absolute-paths; not part of the hash)
+    allow_absolute_paths: bool = False
 
     def __post_init__(self) -> None:
         if "{question}" not in self.prompt:
@@ -60,8 +63,14 @@ class Task:
     def questions(self) -> list[Question]:
         """Every question of the task's split, in the loader's order."""
         fn = get_loader(self.loader)
+        if "allow_absolute_paths" in self.options:
+            raise ConfigError(f"task {self.name!r}: allow_absolute_paths is the user's decision, not the task's: pass "
+                              "--allow-absolute-paths or set it in the bench config, and remove it from the options")
+        options = dict(self.options)
+        if _accepts(fn, "allow_absolute_paths"):
+            options["allow_absolute_paths"] = self.allow_absolute_paths
         try:
-            out = list(fn(split=self.split, base_dir=self.base_dir, **self.options))
+            out = list(fn(split=self.split, base_dir=self.base_dir, **options))
         except TypeError as e:
             raise ConfigError(f"task {self.name!r}: loader {self.loader!r} rejected options {self.options!r}: {e}") from e
         seen: set[str] = set()
@@ -84,8 +93,23 @@ class Task:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_task(source: str | Path | Mapping[str, Any], base_dir: Path | None = None, **overrides: Any) -> Task:
-    """A Task from a manifest path or dict (``overrides`` replace manifest keys)."""
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_task(source: str | Path | Mapping[str, Any], base_dir: Path | None = None, *, trust: TrustPolicy | None = None,
+              **overrides: Any) -> Task:
+    """A Task from a manifest path or dict (``overrides`` replace manifest keys).
+
+    ``trust`` (:class:`~vtc.bench.trust.TrustPolicy`, default: nothing beyond vtc's built-ins)
+    decides whether a ``package.module:function`` loader may be used and whether image paths may
+    leave the task file's folder."""
+    trust = trust or TrustPolicy()
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_absolute() and base_dir is not None and not path.is_file():
@@ -112,7 +136,8 @@ def load_task(source: str | Path | Mapping[str, Any], base_dir: Path | None = No
         raise ConfigError(f"task manifest has unknown key(s) {unknown}; valid keys: {sorted(_KEYS)}")
     if "loader" not in data:
         raise ConfigError("task manifest needs 'loader' (easy_vqa, jsonl, tiny_scenes or package.module:function)")
-    return Task(**data, base_dir=Path(base))
+    trust.check_function("loader", str(data["loader"]), f"task {data.get('name', '?')!r}")
+    return Task(**data, base_dir=Path(base), allow_absolute_paths=trust.allow_absolute_paths)
 
 
 def _stratum(q: Question, by: str) -> str:

@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vtc.errors import BudgetError, ConfigError, SignalError
+from vtc.errors import BudgetError, ConfigError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.llm_layer import LayerConfig, LayerContext, LayerOperator, floor_count, keep_top_visual
 from vtc.ops.tome import bipartite_step, sort_by_first, track_first
@@ -113,21 +113,22 @@ class AimMerge(Selector):
             tokens.signal("keys", cfg.layer, op="operator 'aim_merge'")
         if clean:
             tokens, G = track_first(tokens)
-        schedule = self._steps(tokens.counts) if (cfg.keep is None and cfg.ratio is None
-                                                  and tokens.budget is None) else None
+        # AIM's schedule (no keep=/ratio=) runs first, never below the budget ``k`` (which is the
+        # schedule's own result unless an allocator set per-partition budgets); then up to half the
+        # tokens merge per step until every row meets its budget
+        schedule = self._steps(tokens.counts) if cfg.keep is None and cfg.ratio is None else []
         target = k.clamp_min(1)
         step = 0
         while True:
             n = tokens.counts
-            if schedule is not None:
-                if step == len(schedule):
-                    break
-                r = torch.minimum(schedule[step], n // 2)
-            else:
-                r = torch.minimum(n - target, n // 2).clamp_min(0)
-                if not bool((r > 0).any()):
-                    break
+            r = torch.minimum(n - target, n // 2).clamp_min(0)
+            if step < len(schedule):
+                r = torch.minimum(r, schedule[step])
+            elif not bool((r > 0).any()):
+                break
             step += 1
+            if step <= len(schedule) and not bool((r > 0).any()):
+                continue
             metric = tokens.x if cfg.metric == "x" else tokens.signals["keys"][cfg.layer]
             assign, rep, slot_valid, _ = bipartite_step(metric, n, r, False, tokens.group)
             tokens = _merge(tokens, assign, rep, None if bool(slot_valid.all()) else slot_valid, weighted=clean)

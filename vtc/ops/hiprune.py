@@ -90,7 +90,6 @@ class HiPrune(PerPartition, Selector):
         cfg = self.config
         official = cfg.compat == "official"
         B, N = tokens.x.shape[:2]
-        dev = tokens.device
         valid = tokens.valid
         obj = tokens.signal("attn_received", cfg.object_layer, op="operator 'hiprune'").float()
         deep = tokens.signal("attn_received", cfg.deep_layer, op="operator 'hiprune'").float()

@@ -147,8 +147,11 @@ class MQTProjector(nn.Module):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            raise ConfigError(f"mqt: {path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
         if meta.get("format") != "vtc-mqt":
             raise ConfigError(f"mqt: {path} is not an MQT weights file written by vtc (no 'vtc-mqt' metadata)")
         mod = cls(int(meta["dim"]), int(meta["out_dim"]), int(meta["heads"]), int(meta["queries"]))
@@ -156,19 +159,37 @@ class MQTProjector(nn.Module):
         return mod
 
 
-def resolve_weights(weights: str) -> Path:
-    """The ``.safetensors`` file ``weights`` names: a file, a folder holding ``mqt.safetensors``,
-    or the name of an embedded model in vtc's assets."""
-    p = Path(weights).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        return p / WEIGHTS_FILE
-    if p.suffix == ".safetensors" or os.sep in weights or "/" in weights:
-        return p
-    from vtc.models.tiny.assets import asset_dir
+def _is_name(weights: str) -> bool:
+    """``weights`` names an embedded model (``tiny-mqt``), not a path."""
+    p = Path(weights)
+    return not (os.sep in weights or "/" in weights or p.suffix or p.exists())
 
-    return asset_dir() / weights / WEIGHTS_FILE
+
+def resolve_weights(weights: str) -> Path:
+    """The ``.safetensors`` file ``weights`` names: a ``.safetensors`` file, a folder holding
+    ``mqt.safetensors``, or the name of an embedded model in vtc's assets.
+
+    Weights are read from safetensors files only (a pickled checkpoint can run code), and a
+    relative path may not leave the working folder (``weights=../../etc/passwd`` is refused; give
+    an absolute path to use a file elsewhere): a pipeline spec in a config someone else wrote
+    cannot make vtc read an arbitrary file. Raises :class:`~vtc.errors.ConfigError`.
+    """
+    if _is_name(weights):
+        from vtc.models.tiny.assets import asset_dir
+
+        return asset_dir() / weights / WEIGHTS_FILE
+    p = Path(weights).expanduser()
+    if not p.is_absolute():
+        here = os.path.abspath(os.curdir)
+        if os.path.commonpath([os.path.normpath(os.path.join(here, p)), here]) != here:
+            raise ConfigError(f"mqt: weights={weights!r} leaves the working folder; give an absolute path to the "
+                              ".safetensors file if you mean a file elsewhere")
+    if p.is_dir():
+        p = p / WEIGHTS_FILE
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"mqt: weights={weights!r} is not a .safetensors file; vtc reads weights from safetensors "
+                          "files only (a .safetensors file, a folder holding mqt.safetensors, or an embedded model's name)")
+    return p
 
 
 @dataclass
@@ -194,9 +215,10 @@ class MQTConfig(OpConfig):
         if self.weights is not None and any(v is not None for v in shapes):
             raise ConfigError("mqt: dim/out_dim/heads/queries describe a fresh projector (weights=none); "
                               "with weights= the shapes come from the file")
-        if self.weights is not None and ("/" in self.weights or self.weights.endswith(".safetensors")):
-            if not resolve_weights(self.weights).is_file():
-                raise ConfigError(f"mqt: no weights file at {resolve_weights(self.weights)}")
+        if self.weights is not None:
+            path = resolve_weights(self.weights)  # a path that is not a safetensors file fails here
+            if not _is_name(self.weights) and not path.is_file():
+                raise ConfigError(f"mqt: no weights file at {path}")
 
 
 @register("mqt")

@@ -38,6 +38,7 @@ the code) the 192 setting averages about 206 visual tokens over 32 layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 

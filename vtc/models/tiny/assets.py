@@ -1,11 +1,10 @@
-"""Where the embedded models live: ``assets/<variant>/`` beside the package, or ``$VTC_ASSETS``.
+"""Where the embedded models live: ``assets/<variant>/`` (shipped with the package), or ``$VTC_ASSETS``.
 
 Only paths here (no heavy imports), so operators such as ``mqt`` can find their embedded weights.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 __all__ = ["asset_dir", "model_dir", "VARIANTS"]
@@ -15,11 +14,10 @@ VARIANTS: tuple[str, ...] = ("tiny-llava", "tiny-llava-next", "tiny-mqt")
 
 
 def asset_dir() -> Path:
-    """``$VTC_ASSETS`` if set, else the repository's ``assets/`` folder."""
-    env = os.environ.get("VTC_ASSETS")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[3] / "assets"
+    """``$VTC_ASSETS`` if set, else the shipped ``assets/`` folder (installed or in the repository; :mod:`vtc.resources`)."""
+    from vtc.resources import asset_dir as shipped
+
+    return shipped()
 
 
 def model_dir(variant: str) -> Path:

@@ -55,7 +55,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> TinyModel:
         family = "llava-next"
     else:
         raise ConfigError(f"{path}: model_type {model_type!r} is not an embedded LLaVA / LLaVA-NeXT model")
-    model = M.from_pretrained(path, dtype=dtype).eval()
+    model = M.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()  # never a pickled checkpoint
     processor = P.from_pretrained(path)
     mqt = None
     from vtc.ops.mqt import WEIGHTS_FILE, MQTProjector
