@@ -3,7 +3,7 @@
 Public API: :class:`VisualTokens` and :class:`Layout` (the token contract), :func:`build`
 (pipelines from strings, dicts, lists or YAML), :func:`register` and :func:`list_ops` (the
 operator registry), :func:`create` (one operator by name) and :func:`apply` (attach a pipeline to
-a Hugging Face LLaVA / LLaVA-NeXT model). ``import vtc`` needs only torch.
+a Hugging Face LLaVA / LLaVA-NeXT / Qwen VL model). ``import vtc`` needs only torch.
 """
 
 from vtc.errors import VtcError
@@ -18,7 +18,7 @@ __all__ = ["VisualTokens", "Layout", "Pipeline", "build", "create", "register", 
 
 
 def apply(model, pipeline, **options):
-    """Attach ``pipeline`` to a stock Hugging Face LLaVA / LLaVA-NeXT ``model``; returns a Handle.
+    """Attach ``pipeline`` to a stock Hugging Face LLaVA / LLaVA-NeXT / Qwen VL ``model``; returns a Handle.
 
     See :func:`vtc.integrations.apply`.
     """

@@ -3,8 +3,9 @@
 One image's visual tokens travel from stage to stage as rows of a ``[B, N, D]`` tensor plus the
 facts an operator needs to decide what to keep: the original position of each token (``index``),
 how many patches a merged token stands for (``size``), which AnyRes partition it came from
-(``group``), the grid it was cut from (``layout``), per-token signals recorded in the vision tower
-(``signals``) and per-partition budgets set by an allocating operator (``budget``).
+(``group``), the grid it was cut from (``layout``, a :class:`vtc.geometry.Layout`), per-token
+signals recorded in the vision tower (``signals``) and per-partition budgets set by an allocating
+operator (``budget``).
 
 Images in a batch may hold different numbers of tokens. Valid tokens are always packed to the
 left of each row and ``mask`` marks them (``None`` means every token is valid). The helpers here
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import InputError, LayoutError
+from vtc.geometry import Layout
 
 __all__ = ["Layout", "VisualTokens", "SIGNAL_MERGE_RULES", "inputs_checked", "checking", "checking_structure"]
 
@@ -79,77 +81,6 @@ def size_dtype(x_dtype: torch.dtype) -> torch.dtype:
 #: receives the attention of all its members); everything else is a size-weighted mean.
 SIGNAL_MERGE_RULES: dict[str, str] = {"cls_attn": "sum", "attn_received": "sum"}
 _MERGE_RULES = ("sum", "mean", "min", "max")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Grid facts of one image's tokens.
-
-    ``grids[p]`` is the ``(h, w)`` patch grid of partition ``p``; partition ``p``'s tokens have
-    original indices ``offsets[p] .. offsets[p] + h*w - 1`` in raster order. ``anyres`` is
-    LLaVA-NeXT's crop grid ``(nH, nW)`` (partition 0 is the base view, crops follow row-major),
-    ``image_size`` the original ``(height, width)`` that LLaVA-NeXT's unpadding needs, and
-    ``info`` free-form facts an integration wants to hand to its own later steps.
-    """
-
-    grids: tuple[tuple[int, int], ...]
-    anyres: tuple[int, int] | None = None
-    image_size: tuple[int, int] | None = None
-    info: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        grids = tuple((int(h), int(w)) for h, w in self.grids)
-        if not grids or any(h < 1 or w < 1 for h, w in grids):
-            raise LayoutError(f"Layout.grids must be a non-empty list of positive (h, w) pairs, got {self.grids!r}")
-        object.__setattr__(self, "grids", grids)
-        if self.anyres is not None:
-            nh, nw = (int(v) for v in self.anyres)
-            object.__setattr__(self, "anyres", (nh, nw))
-            if len(grids) != 1 + nh * nw:
-                raise LayoutError(
-                    f"an AnyRes layout with a {nh}x{nw} crop grid has {1 + nh * nw} partitions "
-                    f"(base + crops) but {len(grids)} grids were given"
-                )
-
-    @classmethod
-    def grid(cls, h: int, w: int | None = None) -> Layout:
-        """A single partition of ``h x w`` patches (LLaVA-1.5: ``Layout.grid(24)``)."""
-        return cls(grids=((h, h if w is None else w),))
-
-    @classmethod
-    def square(cls, n: int) -> Layout:
-        """A single square partition of ``n`` tokens; raises if ``n`` is not a perfect square."""
-        side = math.isqrt(int(n))
-        if side * side != n:
-            raise LayoutError(
-                f"{n} tokens do not form a square grid; pass layout=Layout.grid(h, w) with the real grid"
-            )
-        return cls.grid(side)
-
-    @classmethod
-    def for_anyres(
-        cls, grid: int | tuple[int, int], crops: tuple[int, int], image_size: tuple[int, int] | None = None
-    ) -> Layout:
-        """Base view plus an ``nH x nW`` grid of crops, each with the same patch ``grid``."""
-        g = (grid, grid) if isinstance(grid, int) else tuple(grid)
-        nh, nw = crops
-        return cls(grids=(g,) * (1 + nh * nw), anyres=(nh, nw), image_size=image_size)
-
-    @property
-    def num_partitions(self) -> int:
-        return len(self.grids)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out, acc = [], 0
-        for h, w in self.grids:
-            out.append(acc)
-            acc += h * w
-        return tuple(out)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(h * w for h, w in self.grids)
 
 
 def _as_layouts(layout: Any, batch: int) -> tuple[Layout, ...] | Layout | None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vtc.errors import ConfigError
+from vtc.geometry import Layout, stock_length, unpad_bounds
 from vtc.integrations import anyres
 from vtc.tokens import VisualTokens
 
@@ -20,7 +21,7 @@ def test_unpad_bounds_match_transformers_unpad_image(grid):
     cells = torch.arange(H * W).view(1, H, W)
     for size in SIZES:
         kept = unpad_image(cells, torch.tensor(size))[0]
-        r0, r1, c0, c1 = anyres.unpad_bounds(H, W, size)
+        r0, r1, c0, c1 = unpad_bounds((H, W), size)
         assert torch.equal(kept, cells[0, r0:r1, c0:c1]), size
 
 
@@ -36,14 +37,14 @@ def test_stock_length_matches_the_processor(llava_next, photos):
     cfg = model.config
     for size, count in zip(batch["image_sizes"].tolist(), counts):
         crops = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        assert anyres.stock_length(anyres.anyres_layout((24, 24), crops, size)) == count
+        assert stock_length(Layout.for_anyres((24, 24), crops, size)) == count
 
 
 def _partitions(sizes, grid=(3, 4), crops_of=None, D=5, seed=0):
     """Random per-partition features [T, h*w, D] and layouts for images of ``sizes``."""
     g = torch.Generator().manual_seed(seed)
     h, w = grid
-    layouts = [anyres.anyres_layout(grid, crops_of(s), s) for s in sizes]
+    layouts = [Layout.for_anyres(grid, crops_of(s), s) for s in sizes]
     parts = [lay.num_partitions for lay in layouts]
     flat = VisualTokens(x=torch.randn(sum(parts), h * w, D, generator=g))
     return flat, parts, layouts
@@ -60,7 +61,7 @@ def test_keep_everything_assembles_exactly_like_stock_pack_image_features(llava_
     cfg = model.config
     sizes = [(427, 640), (427, 200), (150, 640)]
     g = torch.Generator().manual_seed(1)
-    layouts = [anyres.anyres_layout((24, 24), get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, 96), s)
+    layouts = [Layout.for_anyres((24, 24), get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, 96), s)
                for s in sizes]
     parts = [lay.num_partitions for lay in layouts]
     feats = torch.randn(sum(parts), 576, 8, generator=g)
@@ -88,7 +89,7 @@ def _reference(tokens, b, policy, unpad=True):
             R = ((gg - 1) // nw) * h + local // w
             C = ((gg - 1) % nw) * w + local % w
             where[(R, C)] = i
-    r0, r1, c0, c1 = anyres.unpad_bounds(nh * h, nw * w, lay.image_size) if unpad else (0, nh * h, 0, nw * w)
+    r0, r1, c0, c1 = unpad_bounds((nh * h, nw * w), lay.image_size) if unpad else (0, nh * h, 0, nw * w)
     for R in range(nh * h):
         row = [("tok", where[(R, C)]) for C in range(nw * w) if (R, C) in where and r0 <= R < r1 and c0 <= C < c1]
         seq += row
@@ -137,13 +138,13 @@ def test_pooled_partitions_assemble_on_the_pooled_grid():
     out = anyres.assemble(pooled, torch.zeros(5), "rows")
     for b, lay in enumerate(layouts):
         nh, nw = lay.anyres
-        r0, r1, c0, c1 = anyres.unpad_bounds(nh * 6, nw * 6, lay.image_size)
+        r0, r1, c0, c1 = unpad_bounds((nh * 6, nw * 6), lay.image_size)
         n = int(out.counts[b])
         n_nl = int((out.index[b, :n] >= lay.num_tokens).sum())
         assert n_nl == r1 - r0  # one newline per pooled unpadded row
         assert n == 36 + (r1 - r0) * (c1 - c0 + 1)
     # with the fine 24x24 grid, (427, 640) in 2x2 crops would unpad rows [8, 40): 8 pooled rows, not 9
-    assert anyres.unpad_bounds(12, 12, (427, 640)) == (2, 10, 0, 12)
+    assert unpad_bounds((12, 12), (427, 640)) == (2, 10, 0, 12)
 
 
 def test_group_partitions_pads_images_with_fewer_partitions():

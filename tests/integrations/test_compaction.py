@@ -124,3 +124,46 @@ def test_decode_state_maps_masks_and_positions(mode):
     pos = full.sum(1, keepdim=True) - 1  # generate()'s next position: original numbering
     want = pos if mode == "original" else pos - plan.dropped.unsqueeze(1)
     assert torch.equal(state.position_ids(pos, cache, 1, pos.device), want)
+
+
+def test_decode_mask_when_compaction_keeps_the_batch_length():
+    """Row 1 drops nothing, so the compacted batch keeps length L while row 0 gains left padding: a
+    mask over the original sequence (as generate() passes it) must still get the compacted prompt mask."""
+    ids, mask = _batch([[1, IMG, IMG, IMG, 2], [IMG, 3]])
+    plan = compaction.plan(ids, mask, IMG, [3, 1], torch.tensor([1, 1]))
+    assert plan.length == 5 and plan.dropped.tolist() == [2, 0]
+    state = compaction.DecodeState(prompt_length=5, compact_length=5, prompt_mask=plan.attention_mask(mask),
+                                   dropped=plan.dropped, mode="original")
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    got = state.attention_mask(full, 5, 1)
+    assert got[0].tolist() == [0, 0, 1, 1, 1, 1] and torch.equal(got[:, :5], plan.attention_mask(mask))
+    assert torch.equal(state.attention_mask(got, 5, 1), got)  # a compacted mask maps to itself
+
+
+def test_visual_index_and_token_source_per_slot():
+    """Each slot's visual-token index and its token's place in the stock prompt (brute force)."""
+    ids, mask = _batch([[1, IMG, IMG, IMG, IMG, 2], [IMG, IMG, 3, IMG, IMG]])
+    plan = compaction.plan(ids, mask, IMG, [4, 2, 2], torch.tensor([2, 1, 2]))
+    index = torch.tensor([[3, 1], [1, 0], [0, 1]])  # kept tokens of each image, in sequence order
+    vis, src = plan.visual_index(index), plan.token_source(index)
+    starts = [(b, p) for b in range(2) for p in range(ids.shape[1])
+              if ids[b, p] == IMG and (p == 0 or ids[b, p - 1] != IMG)]  # image i's run, in (row, position) order
+    want_vis, want_src = [], []
+    for b in range(2):
+        row_v, row_s, seen = [], [], {}
+        for s_, p in zip(plan.slot_valid[b].tolist(), plan.src[b].tolist()):
+            if not s_:
+                row_v.append(-1), row_s.append(0)
+                continue
+            if ids[b, p] == IMG:
+                start = p
+                while start > 0 and ids[b, start - 1] == IMG:
+                    start -= 1
+                img = starts.index((b, start))
+                j = seen.get(img, 0)
+                seen[img] = j + 1
+                row_v.append(int(index[img, j])), row_s.append(start + int(index[img, j]))
+            else:
+                row_v.append(-1), row_s.append(p)
+        want_vis.append(row_v), want_src.append(row_s)
+    assert vis.tolist() == want_vis and src.tolist() == want_src

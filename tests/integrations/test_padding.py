@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtc
-from vtc.integrations.anyres import unpad_bounds
+from vtc.geometry import unpad_bounds
 
 PROMPT = "user : <image> what is in this photo ? assistant :"
 
@@ -34,7 +34,7 @@ def _patches(h):
 
 def _padding_cells(layout):
     (gh, gw), (nh, nw) = layout.grids[0], layout.anyres
-    r0, r1, c0, c1 = unpad_bounds(nh * gh, nw * gw, layout.image_size)
+    r0, r1, c0, c1 = unpad_bounds((nh * gh, nw * gw), layout.image_size)
     out = set()
     for p in range(1, 1 + nh * nw):
         for t in range(gh * gw):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vtc.errors import UnsupportedModelError
+from vtc.integrations.adapters import adapter_for
 from vtc.integrations.kv_cache import cache_in, cache_length
 
 __all__ = ["Attachment", "attached", "PromptCounter", "language_model", "vision_tower", "projector"]
@@ -81,31 +82,21 @@ def attached(model: nn.Module, pipeline: Any, **options: Any) -> Iterator[Attach
         handle.remove()
 
 
-def _find(model: nn.Module, names: tuple[str, ...], what: str) -> nn.Module:
-    for name in names:
-        mod: Any = model
-        for part in name.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.Module):
-            return mod
-    raise UnsupportedModelError(
-        f"cannot find the {what} of {type(model).__name__} (looked for {', '.join(names)}); "
-        "vtc bench supports Hugging Face LLaVA / LLaVA-NeXT style models"
-    )
-
-
 def language_model(model: nn.Module) -> nn.Module:
-    return _find(model, ("model.language_model", "language_model.model", "language_model"), "language model")
+    """The decoder stack of ``model``, from its adapter (:mod:`vtc.integrations.adapters`)."""
+    return adapter_for(model).language_model
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
-    return _find(model, ("model.vision_tower", "vision_tower"), "vision tower")
+    return adapter_for(model).vision_tower
 
 
 def projector(model: nn.Module) -> nn.Module:
-    return _find(model, ("model.multi_modal_projector", "multi_modal_projector"), "multimodal projector")
+    """The module mapping tower features to the LLM's width (Qwen VL: the tower's patch merger)."""
+    mod = adapter_for(model).projector
+    if mod is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no separate multimodal projector")
+    return mod
 
 
 class PromptCounter:

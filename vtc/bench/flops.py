@@ -6,8 +6,12 @@ Stages:
 
 - **vision**: the tower's patch embedding (a convolution) and every encoder layer (Hugging Face
   runs all of them even though LLaVA reads layer -2), once per tower pass (LLaVA-NeXT: once per
-  AnyRes partition). Attention is counted as the full ``N x N`` products.
-- **projector**: each linear layer of the multimodal projector over the tokens it sees.
+  AnyRes partition; dynamic-resolution towers such as Qwen VL's: once per image, on its own patch
+  grid). Attention is counted as the full ``N x N`` products per pass, or per window in the
+  window-attention layers of Qwen2.5-VL's tower.
+- **projector**: each linear layer of the multimodal projector over the tokens it sees (Qwen VL:
+  the 2x2 merger, and Qwen3-VL's DeepStack mergers, over the merged tokens; operators then see the
+  merged, LLM-width tokens).
 - **ops**: each operator's own work, from its optional ``flops(n_in, dim, partitions)`` method,
   else from the estimate for its name in :data:`OP_FLOPS` (model knowledge stays here, not in
   the operators), plus the cost of the taps that record its signals (one ``1 x N`` CLS-row
@@ -39,14 +43,21 @@ from typing import Any
 
 from vtc.errors import ConfigError
 
-__all__ = ["VisionShape", "LMShape", "ModelShape", "vision_flops", "projector_flops", "prefill_flops",
-           "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "estimate", "OP_FLOPS",
+__all__ = ["VisionShape", "LMShape", "ModelShape", "vision_shape", "lm_shape", "vision_flops", "projector_flops",
+           "prefill_flops", "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "estimate", "OP_FLOPS",
            "register_op_flops", "layer_visual_counts", "equivalent_tokens"]
 
 
 @dataclass(frozen=True)
 class VisionShape:
-    """A ViT tower: ``layers`` encoder layers of width ``hidden`` on ``image_size / patch_size``² patches."""
+    """A ViT tower: ``layers`` encoder layers of width ``hidden`` on ``image_size / patch_size``² patches.
+
+    ``image_size=0``: a dynamic-resolution tower, whose patch grids come with each question.
+    ``temporal_patch``: frames per patch of the embedding (Qwen VL: 2); ``gated_mlp``: a SwiGLU
+    MLP (three matrices); ``merge``: the side of the patch blocks merged into one LLM token (2
+    for Qwen VL; operators then run on merged tokens); ``window``: the side in patches of the
+    attention windows, in every layer but ``full_attention_layers`` (Qwen2.5-VL; 0: none).
+    """
 
     layers: int
     hidden: int
@@ -56,6 +67,11 @@ class VisionShape:
     channels: int = 3
     cls_token: bool = True
     pool_head: bool = False  # SigLIP's attention-pooling head
+    temporal_patch: int = 1
+    gated_mlp: bool = False
+    merge: int = 1
+    window: int = 0
+    full_attention_layers: tuple[int, ...] = ()
 
     @property
     def patches(self) -> int:
@@ -64,6 +80,13 @@ class VisionShape:
     @property
     def seq(self) -> int:
         return self.patches + int(self.cls_token)
+
+    def grid(self) -> tuple[int, int]:
+        """The fixed patch grid of one pass (raises for a dynamic-resolution tower)."""
+        if not self.image_size:
+            raise ConfigError("this tower takes images of any size: give the patch grid of each pass (grids=)")
+        side = self.image_size // self.patch_size
+        return side, side
 
 
 @dataclass(frozen=True)
@@ -90,28 +113,31 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
-        """Read a Hugging Face config: LLaVA / LLaVA-NeXT, a bare text config, or a bare vision config."""
-        vcfg = getattr(config, "vision_config", None)
-        tcfg = getattr(config, "text_config", None)
-        if vcfg is None and tcfg is None:
-            if hasattr(config, "patch_size"):
-                vcfg = config
-            else:
-                tcfg = config
-        vision = _vision_shape(vcfg) if vcfg is not None else None
-        lm = _lm_shape(tcfg) if tcfg is not None else None
-        projector: tuple[tuple[int, int], ...] = ()
-        if vision is not None and lm is not None:
-            layers = getattr(config, "vision_feature_layer", -2)
-            n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
-            projector = ((vision.hidden * n_layers, lm.hidden), (lm.hidden, lm.hidden))
-        return cls(vision=vision, projector=projector, lm=lm)
+        """Read a Hugging Face config: a model family's (through its adapter,
+        :meth:`vtc.integrations.adapters.ModelAdapter.shape_from_config`), a bare text config, or a
+        bare vision config."""
+        if getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None:
+            from vtc.integrations.adapters import adapter_class_for_config
+            from vtc.integrations.adapters.base import ModelAdapter
+
+            return (adapter_class_for_config(config) or ModelAdapter).shape_from_config(config)
+        if hasattr(config, "patch_size"):
+            return cls(vision=vision_shape(config), projector=(), lm=None)
+        return cls(vision=None, projector=(), lm=lm_shape(config))
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelShape:
+        """The shapes of a model instance, read by its adapter."""
+        from vtc.integrations.adapters import adapter_for
+
+        return adapter_for(model).shape()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _vision_shape(c: Any) -> VisionShape:
+def vision_shape(c: Any) -> VisionShape:
+    """A CLIP / SigLIP vision config's shape."""
     model_type = getattr(c, "model_type", "")
     siglip = "siglip" in model_type
     return VisionShape(
@@ -121,7 +147,8 @@ def _vision_shape(c: Any) -> VisionShape:
     )
 
 
-def _lm_shape(c: Any) -> LMShape:
+def lm_shape(c: Any) -> LMShape:
+    """A decoder-only text config's shape (Llama / Mistral / Qwen2 style)."""
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     act = getattr(c, "hidden_act", "silu")
@@ -134,15 +161,43 @@ def _lm_shape(c: Any) -> LMShape:
 
 
 # ------------------------------------------------------------------------- stages
-def vision_flops(v: VisionShape, passes: int = 1) -> int:
-    """FLOPs of ``passes`` tower forwards (one per image, or per AnyRes partition)."""
-    n, d, m = v.seq, v.hidden, v.intermediate
-    embed = 2 * v.patches * v.channels * v.patch_size**2 * d
-    layer = 2 * n * d * 4 * d + 2 * 2 * n * n * d + 2 * 2 * n * d * m
-    head = 0
-    if v.pool_head:  # probe query attends over the N patch tokens, then an MLP on one token
-        head = 2 * d * d + 2 * n * d * 2 * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * m
-    return passes * (embed + v.layers * layer + head)
+def _attention_blocks(v: VisionShape, h: int, w: int) -> tuple[int, int]:
+    """``(sum of n² over one pass, sum of n² over its windows)`` for an ``h x w`` patch grid.
+
+    Windows tile the merged grid in ``window/merge``-token squares from the top-left corner
+    (the last row and column of windows may be smaller), as transformers' ``get_vision_window_index``.
+    """
+    n = h * w + int(v.cls_token)
+    if not v.window:
+        return n * n, n * n
+    side = v.window // v.merge
+    hm, wm = h // v.merge, w // v.merge
+
+    def squares(length: int) -> int:
+        return (length // side) * side * side + (length % side) ** 2
+
+    return n * n, v.merge**4 * squares(hm) * squares(wm)
+
+
+def vision_flops(v: VisionShape, passes: int = 1, grids: list[tuple[int, int]] | None = None) -> int:
+    """FLOPs of ``passes`` tower forwards (one per image, or per AnyRes partition), or of one pass per
+    patch grid ``(h, w)`` in ``grids`` (dynamic-resolution towers)."""
+    grids = [v.grid()] * passes if grids is None else grids
+    d, m = v.hidden, v.intermediate
+    global_layers = len(v.full_attention_layers) if v.window else v.layers
+    total = 0
+    for h, w in grids:
+        p = h * w
+        n = p + int(v.cls_token)
+        embed = 2 * p * v.channels * v.temporal_patch * v.patch_size**2 * d
+        dense = 2 * n * d * 4 * d + 2 * n * d * m * (3 if v.gated_mlp else 2)
+        full, windows = _attention_blocks(v, h, w)
+        attn = 2 * 2 * d * (global_layers * full + (v.layers - global_layers) * windows)
+        head = 0
+        if v.pool_head:  # probe query attends over the N patch tokens, then an MLP on one token
+            head = 2 * d * d + 2 * n * d * 2 * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * m
+        total += embed + v.layers * dense + attn + head
+    return total
 
 
 def projector_flops(shape: ModelShape, tokens: int) -> int:
@@ -338,10 +393,12 @@ def pipeline_flops(shape: ModelShape, pipeline: Any, visual_tokens: int, passes:
     if pipeline is not None and len(pipeline):
         if shape.vision is not None:
             total += _tap_flops(pipeline, shape.vision, passes)
+        merged = shape.vision is not None and shape.vision.merge > 1  # operators see the merged LLM tokens
         for op in pipeline:
             if op.stage == "llm_layer":  # counted per decoder layer by estimate()
                 continue
-            dim = shape.vision.hidden if op.stage == "vision" and shape.vision else (shape.lm.hidden if shape.lm else 0)
+            vision_width = op.stage == "vision" and shape.vision and not merged
+            dim = shape.vision.hidden if vision_width else (shape.lm.hidden if shape.lm else 0)
             f, n, known = op_flops(op, n, dim, passes)
             total += f
             if not known:
@@ -393,14 +450,17 @@ def estimate(
     pipeline: Any = None,
     visual_tokens: int | None = None,
     dtype_bytes: int = 2,
+    grids: list[tuple[int, int]] | None = None,
     layer_visual: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """FLOPs of answering one question, per stage (see the module docstring).
 
     ``kept_tokens``: visual tokens the LLM received; ``text_tokens``: the other prompt tokens;
-    ``new_tokens``: tokens generated; ``passes``: tower forwards; ``projector_tokens``: tokens the
-    projector saw (default: every patch of every pass, or fewer after vision-stage operators);
-    ``visual_tokens``: the visual tokens before compression (for the operators' estimate);
+    ``new_tokens``: tokens generated; ``passes``: tower forwards; ``grids``: the patch grid of each
+    pass instead (dynamic-resolution towers; sets ``passes``); ``projector_tokens``: tokens the
+    projector saw (default: every patch of every pass, or fewer after vision-stage operators; every
+    merged token for a merging tower); ``visual_tokens``: the visual tokens before compression (for
+    the operators' estimate; default: the patches, merged for a merging tower);
     ``layer_visual``: visual tokens each decoder layer processed, as measured by the integration
     (default: predicted by :func:`layer_visual_counts` from the pipeline's in-LLM operators).
 
@@ -411,11 +471,17 @@ def estimate(
     lm, v = shape.lm, shape.vision
     if lm is None:
         raise ConfigError("FLOPs estimates need a language model in the config (text_config)")
-    patch_tokens = v.patches * passes if v is not None else 0
+    if grids is not None:
+        passes = len(grids)
+    if v is None:
+        patch_tokens = 0
+    else:
+        patch_tokens = sum(h * w for h, w in grids) if grids is not None else v.patches * passes
+        patch_tokens //= v.merge**2  # what the projector and the operators see
     ops = pipeline_flops(shape, pipeline, patch_tokens if visual_tokens is None else visual_tokens, passes) \
         if pipeline is not None else {"ops": 0, "after_vision": patch_tokens, "unknown": []}
     if projector_tokens is None:
-        vision_ops = pipeline is not None and pipeline.has_stage("vision")
+        vision_ops = pipeline is not None and pipeline.has_stage("vision") and (v is None or v.merge == 1)
         projector_tokens = min(patch_tokens, ops["after_vision"]) if vision_ops else patch_tokens
     n = text_tokens + kept_tokens
     if layer_visual is None:
@@ -426,7 +492,7 @@ def estimate(
         for layer, layer_ops in pipeline.layer_schedule(lm.layers).items():
             in_llm += sum(layer_op_flops(op, lm, text_tokens, int(layer_visual[layer])) for op in layer_ops)
     out = {
-        "vision": vision_flops(v, passes) if v is not None else 0,
+        "vision": vision_flops(v, passes, grids) if v is not None else 0,
         "projector": projector_flops(shape, projector_tokens),
         "ops": ops["ops"] + in_llm,
         "prefill": prefill_flops(lm, n, logits=1, layer_tokens=layer_tokens),

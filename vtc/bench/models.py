@@ -3,7 +3,9 @@
 A config lists models as mappings::
 
     - name: llava-1.5-7b
-      source: hf                          # hf | tiny | random-llava | random-llava-next | package.module:function
+      source: hf                          # hf | qwen-vl | tiny | random-llava | random-llava-next |
+                                          # random-qwen2-vl | random-qwen2-5-vl | random-qwen3-vl |
+                                          # package.module:function
       path: llava-hf/llava-1.5-7b-hf      # hf: a hub id or a local folder (from_pretrained)
       dtype: float16                      # float32 | float16 | bfloat16
       device: auto                        # auto: cuda when available, else cpu
@@ -11,11 +13,13 @@ A config lists models as mappings::
       options: {}                         # keyword arguments of the source
 
 A source is a function ``source(entry) -> (model, processor)`` registered with
-:func:`register_source`; ``random-llava`` / ``random-llava-next`` build the tiny random models of
-:mod:`vtc.models.random` (offline, for smoke runs). A ``package.module:function`` source must
-come from an allowed plugin module, and ``trust_remote_code`` in ``options`` needs
-``--trust-remote-code`` (:mod:`vtc.bench.trust`); ``hf`` loads safetensors weights only. Loaded
-models are cached per process.
+:func:`register_source`; ``random-llava`` / ``random-llava-next`` / ``random-qwen2-vl`` /
+``random-qwen2-5-vl`` / ``random-qwen3-vl`` build the tiny random models of
+:mod:`vtc.models.random` (offline, for smoke runs); ``qwen-vl`` loads a Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL checkpoint held in a local folder (use ``chat: auto``: the checkpoint's chat template
+places the image). A ``package.module:function`` source must come from an allowed plugin module,
+and ``trust_remote_code`` in ``options`` needs ``--trust-remote-code`` (:mod:`vtc.bench.trust`);
+``hf`` and ``qwen-vl`` load safetensors weights only. Loaded models are cached per process.
 """
 
 from __future__ import annotations
@@ -177,6 +181,49 @@ def _random_llava_next(entry: ModelEntry):
     from vtc.models.random import random_llava_next
 
     return random_llava_next(**entry.options)
+
+
+def _random_qwen(builder: str):
+    def source(entry: ModelEntry):
+        from vtc.models import random
+
+        return getattr(random, builder)(**entry.options)
+
+    return source
+
+
+for _name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    register_source("random-" + _name.replace("_", "-"))(_random_qwen(f"random_{_name}"))
+
+
+@register_source("qwen-vl")
+def _qwen_vl(entry: ModelEntry):
+    """A Qwen VL checkpoint in the local folder ``path``, offline. ``options``: ``min_pixels`` /
+    ``max_pixels`` (the processor's resize bounds, which set how many visual tokens an image gets;
+    default: the checkpoint's), anything else goes to ``from_pretrained`` (``attn_implementation``)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtc.integrations.adapters import adapter_for
+
+    if not entry.path or not Path(entry.path).is_dir():
+        raise ConfigError(f"model {entry.name!r}: source 'qwen-vl' needs path: a local folder holding the checkpoint "
+                          f"(config.json, weights, processor files), got {entry.path!r}")
+    kwargs = dict(entry.options)
+    pixels = {k: kwargs.pop(k) for k in ("min_pixels", "max_pixels") if k in kwargs}
+    TrustPolicy(trust_remote_code=entry.trust_remote_code).check_model_options(kwargs, f"model {entry.name!r}")
+    kwargs.pop("use_safetensors", None)
+    # safetensors only, as the hf source: a pickled .bin checkpoint is refused instead of unpickled
+    model = AutoModelForImageTextToText.from_pretrained(entry.path, dtype=entry.torch_dtype, local_files_only=True,
+                                                        use_safetensors=True, **kwargs)
+    family = adapter_for(model).family
+    if family != "qwen_vl":
+        raise ConfigError(f"model {entry.name!r}: {entry.path} holds a {type(model).__name__} ({family}), not a Qwen VL "
+                          "checkpoint; use source 'hf' for it")
+    processor = AutoProcessor.from_pretrained(entry.path, local_files_only=True, **pixels)
+    processor.tokenizer.padding_side = "left"  # batched generation needs left padding
+    return model, processor
 
 
 @register_source("hf")

@@ -84,8 +84,6 @@ class _ModelState:
         self.eos = getattr(model.generation_config, "eos_token_id", None) or getattr(tok, "eos_token_id", None)
         if isinstance(self.eos, int):
             self.eos = [self.eos]
-        self.pinpoints = getattr(cfg, "image_grid_pinpoints", None)
-        self.tile = getattr(getattr(cfg, "vision_config", None), "image_size", None)
 
 
 class Runner:
@@ -376,7 +374,7 @@ class Runner:
         is_img = ids == state.image_token
         visual = is_img.sum(1).tolist()
         text = ((~is_img) & mask.bool()).sum(1).tolist()
-        passes = self._passes(inputs, state, len(qs))
+        grids = self._grids(inputs, state)
         counter.reset()
         if state.device.type == "cuda":
             torch.cuda.synchronize(state.device)
@@ -398,7 +396,7 @@ class Runner:
             row = rows[q.qid]
             pred = preds[i].strip()
             row.update(prediction=pred, visual_tokens=int(visual[i]), kept_tokens=int(kept[i]), text_tokens=int(text[i]),
-                       new_tokens=int(n_new[i]), passes=int(passes[i]), time_s=wall / len(qs), batch_time_s=wall,
+                       new_tokens=int(n_new[i]), passes=len(grids[i]), time_s=wall / len(qs), batch_time_s=wall,
                        batch_size=len(qs))
             try:
                 row["score"] = metric.score_question(pred, q.answers, q.meta) if q.answers else None
@@ -406,16 +404,14 @@ class Runner:
                 row["error"] = f"cannot score: {e}"
             vis_in = None if use_pipe is None or use_pipe.has_stage("vision") else int(visual[i])
             row["flops"] = estimate(state.shape, text_tokens=int(text[i]), kept_tokens=int(kept[i]),
-                                    new_tokens=int(n_new[i]), passes=int(passes[i]), pipeline=use_pipe,
+                                    new_tokens=int(n_new[i]), grids=grids[i], pipeline=use_pipe,
                                     visual_tokens=vis_in, dtype_bytes=torch.finfo(state.dtype).bits // 8)
 
-    def _passes(self, inputs: dict[str, Any], state: _ModelState, n: int) -> list[int]:
-        sizes = inputs.get("image_sizes")
-        if sizes is None or state.pinpoints is None or state.tile is None:
-            return [1] * n
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    def _grids(self, inputs: dict[str, Any], state: _ModelState) -> list[list[tuple[int, int]]]:
+        """Per question, the patch grid of each vision-tower pass (the model's adapter knows them)."""
+        from vtc.integrations.adapters import adapter_for
 
-        return [int(image_size_to_num_patches(s.tolist(), state.pinpoints, state.tile)) for s in sizes]
+        return adapter_for(state.model).tower_grids(inputs)
 
     def _generated_lengths(self, new: torch.Tensor, state: _ModelState) -> list[int]:
         if not state.eos:

@@ -1,21 +1,21 @@
-"""LLaVA-NeXT AnyRes geometry: partition layouts, unpadding, and the assembly of kept tokens.
+"""LLaVA-NeXT's AnyRes sequence: regroup tower rows per image, and assemble the kept tokens.
 
 LLaVA-NeXT encodes an image as ``P = 1 + nH*nW`` partitions of ``h x w`` patches: the base view
-(partition 0) and the crops of the padded high-resolution image in row-major order (methods.md §0).
-In vtc one image's tokens are the concatenation of its partitions (``index = p*h*w + raster
-position``, ``group = p``, ``layout = Layout.for_anyres(...)``). This module turns the kept tokens
-back into the sequence the language model reads: the base tokens first, in the order the operators
-left them, then the crop tokens placed in the ``(nH*h) x (nW*w)`` grid, cut to the unpadded
-rectangle with LLaVA-NeXT's rule, flattened row-major with ``image_newline`` tokens.
+(partition 0) and the crops of the padded high-resolution image in row-major order. In vtc one
+image's tokens are the concatenation of its partitions (``index = p*h*w + raster position``,
+``group = p``, ``layout = Layout.for_anyres(...)``; :func:`group_partitions`). :func:`assemble`
+turns the kept tokens back into the sequence the language model reads: the base tokens first, in
+the order the operators left them, then the crop tokens placed in the crop grid, cut to the
+unpadded rectangle, flattened row-major with ``image_newline`` tokens. The grid rules (crop grid,
+unpadding, pooled lattices) are :mod:`vtc.geometry`'s.
 
 Newline policies (``newline=``): ``"rows"`` one newline after each unpadded grid row that still
 holds a token (LLaVA-NeXT's standard; identical to stock when nothing is pruned),
 ``"unpadded_rows"`` after every unpadded row, empty or not, ``"all_rows"`` after every one of the
 ``nH*h`` rows including rows removed by unpadding (GlobalCom²'s official code), ``"none"`` no
-newline tokens (HiRED's official code). When the crop tokens form a regular pooled lattice
-(every crop token stands for an ``s x s`` window aligned to the grid, as after M3 / ``avg_pool2d``
-with kernel ``s``), the grid, its unpadding and its newlines are those of the pooled ``h/s x w/s``
-grid, as LLaVA-NeXT-M3 assembles. Everything here is pure torch.
+newline tokens (HiRED's official code). Tokens a pooling operator averaged to a regular lattice
+(``Layout.pooled``, e.g. M3's ``avg_pool2d`` with kernel ``s``) are laid out on the pooled
+``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. Pure torch.
 """
 
 from __future__ import annotations
@@ -26,37 +26,12 @@ import torch
 from torch import Tensor
 
 from vtc.errors import ConfigError, LayoutError
-from vtc.ops.anyres import unpad_bounds as _unpad_bounds
-from vtc.tokens import Layout, VisualTokens
+from vtc.geometry import Layout, crop_cells
+from vtc.tokens import VisualTokens
 
-__all__ = ["NEWLINE_POLICIES", "unpad_bounds", "anyres_layout", "stock_length", "group_partitions", "drop_padding",
-           "assemble"]
+__all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
 
 NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
-
-
-def unpad_bounds(grid_h: int, grid_w: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The rectangle ``(r0, r1, c0, c1)`` of a ``grid_h x grid_w`` grid that LLaVA-NeXT keeps.
-
-    ``image_size`` is the original ``(height, width)``; the rule is transformers' ``unpad_image``
-    (one implementation, in :func:`vtc.ops.anyres.unpad_bounds`, which the allocators use too).
-    """
-    return _unpad_bounds((grid_h, grid_w), tuple(int(v) for v in image_size))
-
-
-def anyres_layout(grid: tuple[int, int], crops: tuple[int, int], image_size: tuple[int, int]) -> Layout:
-    """The layout of one LLaVA-NeXT image: base + ``crops = (nH, nW)`` partitions of ``grid = (h, w)``."""
-    return Layout.for_anyres(tuple(grid), tuple(crops), tuple(int(v) for v in image_size))
-
-
-def stock_length(layout: Layout) -> int:
-    """How many tokens stock LLaVA-NeXT emits for this image (base + unpadded crops + newlines)."""
-    (h, w) = layout.grids[0]
-    if layout.anyres is None:
-        return h * w
-    nh, nw = layout.anyres
-    r0, r1, c0, c1 = unpad_bounds(nh * h, nw * w, layout.image_size)
-    return h * w + (r1 - r0) * (c1 - c0 + 1)
 
 
 def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence[Layout]) -> VisualTokens:
@@ -96,52 +71,8 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
         group=torch.where(mask, p.repeat_interleave(N), zero),
         layout=tuple(layouts),
         signals={k: {l: take(t) for l, t in v.items()} for k, v in flat.signals.items()},
+        layer_space=flat.layer_space,
     )
-
-
-def drop_padding(tokens: VisualTokens) -> VisualTokens:
-    """The tokens without the crop cells that LLaVA-NeXT's unpadding removes (order kept).
-
-    ``tokens`` are per-image partitions as :func:`group_partitions` returns them (unpooled grids).
-    """
-    layouts = tokens.layouts()
-    if any(lay is None or lay.anyres is None for lay in layouts):
-        raise LayoutError("drop_padding needs one AnyRes layout per image (vtc.Layout.for_anyres)")
-    B, N = tokens.x.shape[:2]
-    dev = tokens.device
-    group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
-    r, c, h, w = tokens.grid_position()
-    meta = []
-    for lay in layouts:  # per-image geometry on Python ints
-        nh, nw = lay.anyres
-        gh, gw = lay.grids[0]
-        meta.append((nw, *unpad_bounds(nh * gh, nw * gw, lay.image_size)))
-    m = torch.tensor(meta, dtype=torch.long, device=dev)
-    nW, r0, r1, c0, c1 = (m[:, i:i + 1] for i in range(5))
-    ci = (group - 1).clamp_min(0)
-    R = (ci // nW) * h + r
-    C = (ci % nW) * w + c
-    inside = (group == 0) | ((R >= r0) & (R < r1) & (C >= c0) & (C < c1))
-    if bool((inside | ~tokens.valid).all()):
-        return tokens
-    return tokens.keep_mask(inside)
-
-
-def _pooled_factor(tokens: VisualTokens, crop: Tensor, r: Tensor, c: Tensor, h: Tensor, w: Tensor) -> Tensor:
-    """Per image, the window side ``s`` if every crop token stands for an aligned ``s x s`` window, else 1."""
-    if tokens.size is None:
-        return torch.ones(tokens.batch_size, dtype=torch.long, device=tokens.device)
-    size = tokens.size.to(torch.float64)
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=tokens.device)
-    smin = torch.where(crop, size, inf).amin(1)
-    smax = torch.where(crop, size, -inf).amax(1)
-    s = torch.sqrt(smin.clamp(1, 1 << 30)).round().long()
-    h0, w0 = h[:, 0], w[:, 0]
-    ok = (smin == smax) & torch.isfinite(smin) & (s * s == smin.round().long()) & (h0 % s == 0) & (w0 % s == 0)
-    ss = s.unsqueeze(1)
-    aligned = ((r % ss == 0) & (c % ss == 0)) | ~crop
-    ok &= aligned.all(1)
-    return torch.where(ok, s, torch.ones_like(s))
 
 
 def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows", unpad: bool = True) -> VisualTokens:
@@ -163,32 +94,16 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         raise LayoutError(f"newline policy {policy!r} needs the model's image_newline vector")
     B, N = tokens.x.shape[:2]
     dev = tokens.device
-    valid = tokens.valid
+    cells = crop_cells(tokens, unpad)  # each token's cell on the (possibly pooled) crop grid
     group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
-    r, c, h, w = tokens.grid_position()
-    crop = valid & (group >= 1)
-    s = _pooled_factor(tokens, crop, r, c, h, w)  # [B]
-    # per-image grid facts on the effective (possibly pooled) grid; a loop over images on Python ints
-    meta = []
-    for b, lay in enumerate(layouts):
-        nh, nw = lay.anyres
-        gh, gw = lay.grids[0]
-        sb = int(s[b])
-        eh, ew = gh // sb, gw // sb
-        bounds = unpad_bounds(nh * eh, nw * ew, lay.image_size) if unpad else (0, nh * eh, 0, nw * ew)
-        meta.append((nh, nw, eh, ew, *bounds, lay.num_tokens))
-    m = torch.tensor(meta, dtype=torch.long, device=dev)
-    nH, nW, eh, ew, r0, r1, c0, c1, ntok = (m[:, i:i + 1] for i in range(9))
-    Wb = nW * ew  # big-grid width, per image [B, 1]
-    # crop tokens: big-grid cell (on the effective grid)
-    ci = (group - 1).clamp_min(0)
-    R = (ci // nW) * eh + r // s.unsqueeze(1)
-    C = (ci % nW) * ew + c // s.unsqueeze(1)
-    inside = crop & (R >= r0) & (R < r1) & (C >= c0) & (C < c1)
-    base = valid & (group == 0)
+    nH, nW, eh = cells.nh, cells.nw, cells.eh
+    R, C, inside = cells.row, cells.col, cells.inside
+    r0, r1 = cells.r0, cells.r1
+    ntok = torch.tensor([lay.num_tokens for lay in layouts], device=dev).unsqueeze(1)
+    Wb = nW * cells.ew  # crop-grid width, per image [B, 1]
     pos = torch.arange(N, device=dev).expand(B, N)
     big = torch.full_like(pos, -1)
-    tok_key = torch.where(base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
+    tok_key = torch.where(cells.base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
     # newline entries, one candidate per big-grid row
     H = int((nH * eh).max().item())
     rows = torch.arange(H, device=dev).expand(B, H)
@@ -236,4 +151,5 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         layout=tokens.layout,
         signals={k: {l: pick(t, 0.0) for l, t in v.items()} for k, v in tokens.signals.items()},
         budget=tokens.budget,
+        layer_space=tokens.layer_space,
     )

@@ -39,6 +39,8 @@ class Compaction:
     dropped_before: Tensor  # [B, L] long, placeholders dropped strictly before each position
     dropped: Tensor  # [B] long, placeholders dropped per row
     new_padding: bool  # some rows needed padding that was not there before
+    image: Tensor | None = None  # [B, L] long, the image whose run holds each placeholder (-1: not one)
+    offset: Tensor | None = None  # [B, L] long, each placeholder's place in its image's run
 
     @property
     def changed(self) -> bool:
@@ -63,6 +65,29 @@ class Compaction:
 
     def labels(self, labels: Tensor | None) -> Tensor | None:
         return None if labels is None else self._take(labels, -100)
+
+    def visual_index(self, index: Tensor) -> Tensor:
+        """``[B, Lc]`` long: the index (``index[i, j]``: the original token index the compressed
+        tokens carry, one row per image) of the visual token each slot holds, -1 for text and padding.
+        What the ``llm_layer`` stage's ``LayerContext.index`` is at the first decoder layer."""
+        img = self.image.gather(1, self.src)
+        off = self.offset.gather(1, self.src)
+        visual = (img >= 0) & self.slot_valid
+        tok = index.to(img.device)[img.clamp_min(0), off.clamp_min(0).clamp_max(index.shape[1] - 1)]
+        return torch.where(visual, tok, torch.full_like(tok, -1))
+
+    def token_source(self, index: Tensor) -> Tensor:
+        """``[B, Lc]``: the original prompt position of the token each slot carries.
+
+        A text slot carries its own token; the ``j``-th kept token of image ``i`` (``index[i, j]``:
+        its position in the image's stock token sequence, e.g. its raster position in the merged
+        grid for Qwen VL) stands where stock put it, at its run's start plus ``index[i, j]``.
+        Padding slots get 0.
+        """
+        tok = self.visual_index(index)
+        off = self.offset.gather(1, self.src)
+        out = torch.where(tok >= 0, self.src - off + tok, self.src)
+        return torch.where(self.slot_valid, out, torch.zeros_like(out))
 
     def position_ids(self, position_ids: Tensor | None, mode: str) -> Tensor:
         """Positions of the compacted slots; Hugging Face's default (``arange(L)``) when none are given."""
@@ -133,8 +158,10 @@ def plan(input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int,
         src = order
     src = torch.where(slot_valid, src, torch.zeros_like(src))
     dropped_before = torch.cumsum(drop.long(), 1) - drop.long()
+    minus = torch.full_like(flat, -1, dtype=torch.long)
     return Compaction(keep=keep, src=src, slot_valid=slot_valid, dropped_before=dropped_before,
-                      dropped=drop.sum(1), new_padding=bool((n_keep != Lc).any()))
+                      dropped=drop.sum(1), new_padding=bool((n_keep != Lc).any()),
+                      image=torch.where(flat, img, minus).view(B, L), offset=torch.where(flat, offset, minus).view(B, L))
 
 
 @dataclass
@@ -146,9 +173,15 @@ class DecodeState:
     prompt_mask: Tensor | None  # [B, Lc] compacted prompt mask (None: all ones)
     dropped: Tensor  # [B] tokens dropped per row
     mode: str  # "contiguous" or "original"
+    next_position: Tensor | None = None  # [B] M-RoPE: the position id after the prompt's largest
 
     def attention_mask(self, attention_mask: Tensor | None, cache_length: int, q: int) -> Tensor | None:
-        """Map a mask over the caller's full length onto the cache's (compacted) length."""
+        """Map a mask over the caller's full length onto the cache's (compacted) length.
+
+        A mask over the compacted sequence is taken as it is. When the two lengths coincide (a row
+        that dropped nothing keeps the batch at its length while other rows gained padding), the
+        prompt part is the compacted prompt mask in either reading.
+        """
         L, Lc = self.prompt_length, self.compact_length
         new = cache_length - Lc  # tokens added after the prompt
         if attention_mask is None:
@@ -158,7 +191,7 @@ class DecodeState:
             ones = torch.ones(B, new + q, dtype=self.prompt_mask.dtype, device=self.prompt_mask.device)
             return torch.cat([self.prompt_mask, ones], 1)
         total = attention_mask.shape[1]
-        if total == cache_length + q:  # already over the compacted sequence
+        if total == cache_length + q and L != Lc:  # already over the compacted sequence
             return attention_mask
         if total != L + new + q:
             raise InputError(

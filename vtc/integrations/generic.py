@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vtc.errors import InputError
 from vtc.integrations.signals import open_tap, tokens_from
 from vtc.integrations.stages import run_stages
-from vtc.integrations.towers import feature_tokens, prefix_tokens
+from vtc.integrations.towers import feature_tokens, num_blocks, prefix_tokens
 from vtc.tokens import Layout, VisualTokens
 
 __all__ = ["VisualCompressor", "CompressedVisual"]
@@ -84,10 +84,19 @@ class VisualCompressor(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> CompressedVisual:
         if self._tap is None and self.pipeline.requires:
-            self._tap = open_tap(self.tower, self.pipeline.requires, f"the pipeline {self.pipeline}", self.prefix)
+            self._tap = open_tap(self.tower, self.pipeline.requires, f"the pipeline {self.pipeline}", self.prefix,
+                                 feature_layer=self._feature_block())
         feats = feature_tokens(self.tower, pixel_values, self.feature_layer, self.prefix)  # the tap records it
         tokens = tokens_from(feats, self._tap, self.pipeline.requires, self._layout(feats.shape[1]))
         return self.compress(feats, tokens)
+
+    def _feature_block(self) -> int | None:
+        """The tower layer of ``feature_layer`` (a ``hidden_states`` index; the last of a list)."""
+        from vtc.taps.layers import hidden_state_layer
+
+        layer = self.feature_layer
+        layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
+        return hidden_state_layer(int(layer), num_blocks(self.tower))
 
     def remove(self) -> None:
         """Remove the tap's hooks from the tower (a later call on pixel_values opens a new tap)."""

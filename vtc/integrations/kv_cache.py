@@ -25,8 +25,11 @@ def cache_in(kwargs: dict[str, Any]) -> Any:
 
 
 def cache_out(output: Any) -> Any:
-    """The KV cache a forward returned (None if none)."""
-    for name in CACHE_ARGS:
+    """The KV cache a forward returned (None if none). An output that has the newest field is not
+    asked for older names (reading ``past_key_values`` there is deprecated and warns)."""
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    names = next(([n] for n in CACHE_ARGS if n in fields), CACHE_ARGS)
+    for name in names:
         value = getattr(output, name, None)
         if value is not None:
             return value

@@ -3,7 +3,8 @@
 ``position_ids``: ``"contiguous"`` renumbers the compacted sequence with no gaps (as DivPrune's
 code does: HF recomputes positions over the shorter sequence); ``"original"`` keeps every surviving
 token's original position id, gaps included, and decoding continues from the original length (as
-FastV does).
+FastV does). None (the default): the model family's default, ``"contiguous"`` for LLaVA and
+LLaVA-NeXT, ``"original"`` for the M-RoPE models (Qwen VL), which support only that.
 
 LLaVA-NeXT only:
 
@@ -46,7 +47,7 @@ PADDING_MODES = ("auto", "keep", "drop")
 class ApplyOptions:
     """Validated options of ``vtc.apply`` (see the module docstring)."""
 
-    position_ids: str = "contiguous"
+    position_ids: str | None = None
     newline: str = "auto"
     llm_view: str = "auto"
     unpad: bool = True
@@ -55,7 +56,7 @@ class ApplyOptions:
     def __post_init__(self) -> None:
         if self.padding not in PADDING_MODES:
             raise ConfigError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
-        if self.position_ids not in POSITION_MODES:
+        if self.position_ids is not None and self.position_ids not in POSITION_MODES:
             raise ConfigError(f"position_ids must be one of {POSITION_MODES}, got {self.position_ids!r}")
         if self.newline not in ("auto", *NEWLINE_POLICIES):
             raise ConfigError(f"newline must be one of {('auto', *NEWLINE_POLICIES)}, got {self.newline!r}")

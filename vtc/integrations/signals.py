@@ -4,8 +4,10 @@ A pipeline's ``requires`` (``{"cls_attn": [16, ..., 22], "keys": [22]}``) names 
 signals its operators read. :func:`open_tap` checks up front that the tower can give them (a
 CLS-attention signal needs a CLS token: SigLIP has none) and attaches a ``vtc.taps`` tap, whose
 hooks record them on every forward of the tower until ``tap.remove()`` (``tap.signals`` holds the
-latest forward's). :func:`tokens_from` builds the
-:class:`~vtc.tokens.VisualTokens` of the feature-layer patch tokens with the tap's signals.
+latest forward's). The tap resolves negative layers and ``"feature"`` / ``"last"`` once, against
+the tower and the model's feature layer. :func:`tokens_from` builds the
+:class:`~vtc.tokens.VisualTokens` of the feature-layer patch tokens with the tap's signals and its
+``layer_space`` (so operators may ask for any layer form).
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def check_tower_signals(tower: nn.Module, requires: Mapping[str, Sequence[int]],
 
 
 def open_tap(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str = "the pipeline",
-             prefix: int | None = None) -> Any | None:
-    """A ``vtc.taps`` tap recording ``requires`` on ``tower``, or None when nothing is required."""
+             prefix: int | None = None, feature_layer: int | None = None) -> Any | None:
+    """A ``vtc.taps`` tap recording ``requires`` on ``tower``, or None when nothing is required.
+
+    ``feature_layer``: the tower layer whose output the model reads (resolves ``"feature"``).
+    """
     if not requires:
         return None
     check_tower_signals(tower, requires, who, prefix)
@@ -54,7 +59,10 @@ def open_tap(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str =
             f"{who} needs vision-tower signals {dict(requires)} but vtc.taps cannot be imported ({e}); "
             "install vtc completely, or use operators that need no signals"
         ) from e
-    return attach(tower, {k: list(v) for k, v in requires.items()})
+    wanted = {k: list(v) for k, v in requires.items()}
+    if any(l == "feature" for v in wanted.values() for l in v):  # the only form that needs it
+        return attach(tower, wanted, feature_layer=feature_layer)
+    return attach(tower, wanted)
 
 
 def tokens_from(features: Tensor, tap: Any | None, requires: Mapping[str, Sequence[int]],
@@ -80,4 +88,4 @@ def tokens_from(features: Tensor, tap: Any | None, requires: Mapping[str, Sequen
                         f"{(B, N)}: signals must cover exactly the patch tokens (CLS dropped) of the same forward"
                     )
                 per_layer[layer] = t.to(features.device)
-    return VisualTokens(x=features, layout=layout, signals=signals)
+    return VisualTokens(x=features, layout=layout, signals=signals, layer_space=getattr(tap, "layer_space", None))

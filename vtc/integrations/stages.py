@@ -5,8 +5,10 @@ projector maps what they keep to the language model's width, carrying ``index``,
 ``group``, ``layout``, ``budget`` and signals along (so an allocator at the vision stage can hand
 its per-partition budget to a selector at the llm stage); llm-stage operators see the projected
 tokens. An operator with ``replaces_projector`` (MQT) is the projector: when one runs at the
-vision stage the model's projector is skipped. An optional ``assemble`` step (LLaVA-NeXT's AnyRes
-assembly) runs before operator ``assemble_at`` or at the end.
+vision stage the model's projector is skipped. A tower that already projects (Qwen VL's patch
+merger) passes no projector: every operator then runs, in pipeline order, on its LLM-width tokens.
+An optional ``assemble`` step (LLaVA-NeXT's AnyRes assembly) runs before operator ``assemble_at``
+or at the end.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def run_stages(
     """Compress ``tokens`` through every stage and return LLM-width tokens.
 
     ``projected=True`` means ``tokens`` are already projector outputs (valid only when the
-    pipeline has no vision-stage operator). ``out_dim`` checks the width a projector-replacing
+    pipeline has no vision-stage operator). ``projector=None``: the tokens are LLM-width already and
+    no projection runs between the stages. ``out_dim`` checks the width a projector-replacing
     operator returns. ``assemble`` runs once, before ``pipeline.ops[assemble_at]`` (default: at the end).
     """
     ops = list(pipeline)
@@ -68,7 +71,7 @@ def run_stages(
                     f"the projector-replacing operator returned {tokens.dim}-wide tokens but the language model "
                     f"takes {out_dim}; configure it for this model"
                 )
-        else:
+        elif projector is not None:
             tokens = tokens.replace(x=projector(tokens.x))
             if tokens.mask is not None:
                 tokens = tokens.replace(x=tokens.x.masked_fill(~tokens.mask.unsqueeze(-1), 0))

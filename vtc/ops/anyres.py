@@ -1,15 +1,13 @@
-"""LLaVA-NeXT AnyRes geometry shared by the high-resolution allocators (``hired``, ``globalcom2``).
+"""LLaVA-NeXT AnyRes machinery shared by the high-resolution allocators (``hired``, ``globalcom2``).
 
 An AnyRes image is a base view (partition 0) plus an ``nH x nW`` grid of crops (partitions
 ``1..nH*nW``, row-major), each an ``h x w`` patch grid; token ``index`` is ``p*h*w + raster``. The
-crops tile an ``(nH*h) x (nW*w)`` grid that LLaVA-NeXT unpads (methods.md §0): if the original
-image is wider than the grid (``orig_w/orig_h > W/H``) it keeps rows ``[pad, H - pad)`` with
-``pad = (H - int(orig_h * W / orig_w)) // 2``, otherwise the same for columns (the expression is
-Hugging Face's ``unpad_image``, rounded to 7 decimals before ``int``). This module turns a batch of
-tokens into dense ``[B, P, h*w]`` per-partition maps (scores, positions, which crop cells survive
-the unpad, each cell's position in the assembled grid), ranks cells per partition under
-per-partition budgets, and emits the kept cells in LLaVA-NeXT's order (base first, then the crop
-grid row-major). Images in a batch may have different crop grids and original sizes.
+geometry itself (the crop grid, LLaVA-NeXT's unpad rule, which cells survive it) lives in
+:mod:`vtc.geometry`. This module turns a batch of tokens into dense ``[B, P, h*w]`` per-partition
+maps (scores, positions, which crop cells survive the unpad, each cell's position in the assembled
+grid), ranks cells per partition under per-partition budgets, and emits the kept cells in
+LLaVA-NeXT's order (base first, then the crop grid row-major). Images in a batch may have
+different crop grids and original sizes.
 """
 
 from __future__ import annotations
@@ -20,78 +18,9 @@ import torch
 from torch import Tensor
 
 from vtc.errors import LayoutError, SignalError
+from vtc.geometry import AnyResGrid, unpad_bounds  # noqa: F401 - unpad_bounds: the rule, for this module's users
 from vtc.ops.selection import descending_order, rank_mask
-from vtc.tokens import Layout, VisualTokens, checking_structure
-
-
-def unpad_bounds(grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of an ``(H, W)`` crop grid that survive unpadding.
-
-    ``image_size`` is the original ``(height, width)``; the rule is LLaVA-NeXT's ``unpad_image``.
-    """
-    H, W = grid
-    oh, ow = image_size
-    if oh <= 0 or ow <= 0:
-        raise LayoutError(f"image_size must be a positive (height, width), got {image_size!r}")
-    if ow / oh > W / H:
-        new_h = int(round(oh * (W / ow), 7))
-        pad = (H - new_h) // 2
-        return pad, H - pad, 0, W
-    new_w = int(round(ow * (H / oh), 7))
-    pad = (W - new_w) // 2
-    return 0, H, pad, W - pad
-
-
-@dataclass(frozen=True)
-class AnyResGrid:
-    """One image's AnyRes geometry: ``nh x nw`` crops of ``h x w`` patches, unpadded area ``rows x cols``."""
-
-    nh: int
-    nw: int
-    h: int
-    w: int
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-
-    @classmethod
-    def from_layout(cls, layout: Layout, op: str) -> AnyResGrid:
-        if layout.anyres is None:
-            raise LayoutError(
-                f"{op}: several partitions but no AnyRes crop grid; pass "
-                "layout=vtc.Layout.for_anyres(grid, (nH, nW), image_size=(height, width)) per image"
-            )
-        if len(set(layout.grids)) != 1:
-            raise LayoutError(f"{op}: every AnyRes partition must have the same patch grid, got {layout.grids}")
-        if layout.image_size is None:
-            raise LayoutError(
-                f"{op}: LLaVA-NeXT unpadding needs the original image size; pass "
-                "vtc.Layout.for_anyres(grid, (nH, nW), image_size=(height, width))"
-            )
-        nh, nw = layout.anyres
-        h, w = layout.grids[0]
-        r0, r1, c0, c1 = unpad_bounds((nh * h, nw * w), layout.image_size)
-        if r1 <= r0 or c1 <= c0:
-            raise LayoutError(f"{op}: image_size {layout.image_size} leaves no rows or columns after unpadding")
-        return cls(nh, nw, h, w, (r0, r1), (c0, c1))
-
-    @property
-    def num_crops(self) -> int:
-        return self.nh * self.nw
-
-    def crop_cells(self) -> tuple[Tensor, Tensor]:
-        """``(grid_pos [C, h*w], inside [C, h*w])``: each crop cell's raster position in the
-        ``(nh*h) x (nw*w)`` grid, and whether it survives the unpad."""
-        C, h, w = self.num_crops, self.h, self.w
-        c = torch.arange(C).view(C, 1)
-        t = torch.arange(h * w).view(1, -1)
-        gr = (c // self.nw) * h + t // w
-        gc = (c % self.nw) * w + t % w
-        inside = (gr >= self.rows[0]) & (gr < self.rows[1]) & (gc >= self.cols[0]) & (gc < self.cols[1])
-        return gr * (self.nw * w) + gc, inside
-
-    def valid_size(self) -> tuple[int, int]:
-        """``(H_valid, W_valid)``: the unpadded grid's size."""
-        return self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]
+from vtc.tokens import VisualTokens, checking_structure
 
 
 @dataclass
@@ -267,18 +196,3 @@ def emit(tokens: VisualTokens, dense: DenseParts, keep: Tensor, base_rank: Tenso
     valid = torch.arange(K, device=keep.device).unsqueeze(0) < n.unsqueeze(1)
     out = tokens.gather(torch.where(valid, pos, torch.zeros_like(pos)), valid, some_invalid=True)
     return out.replace(budget=None)
-
-
-def drop_padding(tokens: VisualTokens, dense: DenseParts) -> VisualTokens:
-    """The tokens without the crop cells that LLaVA-NeXT's unpad removes (order kept), with
-    ``group`` set from ``index`` if it was missing (a selector splits partitions by ``group``)."""
-    if tokens.group is None:
-        tokens = tokens.replace(group=torch.where(tokens.valid, tokens.index // (dense.h * dense.w), 0))
-    B, N = tokens.x.shape[:2]
-    drop = dense.present & ~dense.inside
-    if not bool(drop.any()):
-        return tokens
-    keep = torch.ones(B, N + 1, dtype=torch.bool, device=tokens.device)
-    rows = torch.arange(B, device=tokens.device).view(B, 1, 1).expand_as(drop)
-    keep[rows, torch.where(drop, dense.pos, torch.full_like(dense.pos, N))] = False
-    return tokens.keep_mask(keep[:, :N])

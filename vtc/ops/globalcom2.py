@@ -60,12 +60,12 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
+from vtc.geometry import drop_padding
 from vtc.ops.anyres import (
     DenseParts,
     at_least_one,
     dense_parts,
     dense_signal,
-    drop_padding,
     emit,
     is_anyres,
     top_cells,
@@ -194,7 +194,7 @@ class GlobalCom2(Allocator):
             return tokens.replace(budget=k.unsqueeze(1))
         dense = dense_parts(tokens, self.name)
         _, budget, _ = self._plan(tokens, dense)
-        return drop_padding(tokens, dense).replace(budget=budget)
+        return drop_padding(tokens).replace(budget=budget)
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
         official = self.config.compat == "official"

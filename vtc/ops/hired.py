@@ -66,12 +66,12 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError, LayoutError
+from vtc.geometry import drop_padding
 from vtc.ops.anyres import (
     DenseParts,
     at_least_one,
     dense_parts,
     dense_signal,
-    drop_padding,
     emit,
     is_anyres,
     keep_base_top1_if_empty,
@@ -209,7 +209,7 @@ class HiRED(Allocator):
         dense = dense_parts(tokens, self.name)
         budget = self._budgets(tokens, dense)
         left = (dense.inside & dense.present).sum(2)
-        out = drop_padding(tokens, dense)
+        out = drop_padding(tokens)
         return out.replace(budget=at_least_one(torch.minimum(budget, left)))
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vtc.errors import ConfigError, LayoutError
+from vtc.geometry import pooled_layouts
 from vtc.ops.base import OpConfig, Operator
 from vtc.ops.pooling import complete_grid, pool_complete_grid, pool_to_grid
 from vtc.registry import register
@@ -56,7 +57,8 @@ class M3(Operator):
                 return tokens  # keep >= the tokens present: nothing to pool
             if h % side:
                 raise self._scale_error(h)
-            return pool_complete_grid(tokens, P, h, w, side, side)
+            out = pool_complete_grid(tokens, P, h, w, side, side)
+            return out.replace(layout=pooled_layouts(tokens, [side] * tokens.batch_size, [side] * tokens.batch_size))
         _, _, h, w = tokens.grid_position()
         hv, wv = h[tokens.valid], w[tokens.valid]
         if hv.numel() == 0:
@@ -69,7 +71,7 @@ class M3(Operator):
         if bool(bad.any()):
             raise self._scale_error(int(hv[bad][0]))
         g = torch.full((tokens.batch_size,), side, dtype=torch.long, device=tokens.device)
-        return pool_to_grid(tokens, g, g)
+        return pool_to_grid(tokens, g, g).replace(layout=pooled_layouts(tokens, g, g))
 
     def _scale_error(self, h: int) -> ConfigError:
         side = math.isqrt(self.config.keep)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
+from vtc.geometry import pooled_layouts
 from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.pooling import complete_grid, pool_complete_grid, pool_to_grid
 from vtc.registry import register
@@ -77,7 +78,8 @@ class Pool(Selector):
                     if k < P:
                         raise self._budget_error(P, k)
                     gh, gw = target_grid(k // P, h, w)
-                return pool_complete_grid(tokens, P, h, w, gh, gw)
+                out = pool_complete_grid(tokens, P, h, w, gh, gw)
+                return out.replace(layout=pooled_layouts(tokens, [gh] * tokens.batch_size, [gw] * tokens.batch_size))
             k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
         _, _, h, w = tokens.grid_position()
         h, w = h[:, 0], w[:, 0]
@@ -96,7 +98,7 @@ class Pool(Selector):
             gh = torch.floor(torch.sqrt(kk.double() * h / w)).long().clamp_min(1)
             gh = torch.minimum(torch.minimum(gh, h), kk)
             gw = torch.minimum(kk // gh, w).clamp_min(1)
-        out = pool_to_grid(tokens, gh, gw)
+        out = pool_to_grid(tokens, gh, gw).replace(layout=pooled_layouts(tokens, gh, gw, k < tokens.counts))
         if bool((k == 0).any()):  # a partition whose budget is 0 keeps nothing
             out = out.keep_mask((k > 0).unsqueeze(1).expand(out.x.shape[:2]))
         return out

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtc.integrations.adapters import adapter_for
+
 __all__ = ["VisionOut", "partitions_per_image", "encode_images", "random_subset", "assemble", "lm_hidden",
            "loss_and_logits"]
 
@@ -41,7 +43,7 @@ def partitions_per_image(pinpoints, view: int, image_sizes: Tensor) -> list[int]
 
 def tower(model, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
     """``(patch features at the LLaVA feature layer [X, n, Dv], pooled last-layer CLS [X, Dv])``."""
-    vt = model.model.vision_tower
+    vt = adapter_for(model).vision_tower
     out = vt(pixel_values, output_hidden_states=True)
     feats = out.hidden_states[model.config.vision_feature_layer][:, 1:]
     cls = vt.post_layernorm(out.last_hidden_state[:, 0])
@@ -54,13 +56,13 @@ def encode_images(model, pixel_values: Tensor, image_sizes: Tensor | None = None
     for LLaVA-NeXT, partitions are packed by the model's own ``pack_image_features``."""
     if image_sizes is None:
         feats, cls = tower(model, pixel_values)
-        x = model.model.multi_modal_projector(feats) if mqt is None else mqt(feats, m)
+        x = adapter_for(model).projector(feats) if mqt is None else mqt(feats, m)
         return VisionOut(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), feats, cls)
     cfg = model.config
     parts = partitions_per_image(cfg.image_grid_pinpoints, cfg.vision_config.image_size, image_sizes)
     flat = torch.cat([pv[:p] for pv, p in zip(pixel_values, parts)])
     feats, cls = tower(model, flat)
-    proj = model.model.multi_modal_projector(feats)
+    proj = adapter_for(model).projector(feats)
     packed, _ = model.model.pack_image_features(list(torch.split(proj, parts)), image_sizes, "default",
                                                 image_newline=model.model.image_newline)
     n = torch.tensor([p.shape[0] for p in packed], device=proj.device)
@@ -120,8 +122,8 @@ def assemble(model, prefix: Tensor, vis: Tensor, vis_valid: Tensor, suffix: Tens
 
 def lm_hidden(model, inputs_embeds: Tensor, position_ids: Tensor) -> Tensor:
     """Last hidden states of the language model (causal, no padding mask needed: pads are at the end)."""
-    return model.model.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids,
-                                      use_cache=False).last_hidden_state
+    return adapter_for(model).language_model(inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                             use_cache=False).last_hidden_state
 
 
 def loss_and_logits(model, hidden: Tensor, start: Tensor, suffix: Tensor, target: Tensor) -> Tensor:

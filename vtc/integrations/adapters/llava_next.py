@@ -1,0 +1,107 @@
+"""LLaVA-NeXT: transformers' ``LlavaNextForConditionalGeneration`` (AnyRes).
+
+An image is a base view plus the ``nH x nW`` crops its ``image_sizes`` select from
+``image_grid_pinpoints``; the tower runs once per partition (``pixel_values`` is ``[images,
+max partitions, 3, H, W]``, padded). One image's tokens are its partitions' patch tokens
+concatenated (``index = p*h*w + raster``, ``group = p``, ``Layout.for_anyres``;
+:func:`vtc.integrations.anyres.group_partitions`); the crop tokens that the unpad removes are
+dropped before the first operator unless it asks to see them (``padding=`` option). After the
+operators the kept tokens are assembled into LLaVA-NeXT's sequence (base, unpadded crop grid,
+``image_newline`` per row; :func:`vtc.integrations.anyres.assemble`), before the first llm-stage
+operator that works on the assembled sequence or at the end (``llm_view=``). Geometry:
+:mod:`vtc.geometry`; options: :mod:`vtc.integrations.options`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vtc.errors import InputError, UnsupportedModelError
+from vtc.geometry import Layout, drop_padding, stock_length
+from vtc.integrations import anyres
+from vtc.integrations.adapters import register_adapter
+from vtc.integrations.adapters.base import Encoded
+from vtc.integrations.adapters.llava import LlavaAdapter
+from vtc.integrations.signals import tokens_from
+from vtc.integrations.stages import run_stages
+from vtc.tokens import VisualTokens
+
+__all__ = ["LlavaNextAdapter"]
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    class_names = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)
+
+    def bind(self, pipeline: Any, options: Any, handle: Any) -> None:
+        super().bind(pipeline, options, handle)
+        self.newline_policy = options.newline_policy(pipeline)
+        self.assemble_at = options.assembly_point(pipeline)
+        self.drop_padding = options.drops_padding(pipeline, self.assemble_at)
+
+    def layouts(self, image_sizes: Any) -> tuple[list[tuple[int, int]], list[int], list[Layout]]:
+        """``(sizes, partitions per image, layouts)`` of a batch's ``image_sizes`` (the processor's)."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        if image_sizes is None:
+            raise InputError("LLaVA-NeXT needs image_sizes (the processor returns them) to lay out its crops")
+        cfg = self.config
+        sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(image_sizes).tolist()]
+        size_px = cfg.vision_config.image_size
+        parts = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, size_px) for s in sizes]
+        layouts = [Layout.for_anyres(self.grid, get_anyres_image_grid_shape(s, cfg.image_grid_pinpoints, size_px), s)
+                   for s in sizes]
+        return sizes, parts, layouts
+
+    def encode(self, kw: dict[str, Any]) -> Encoded:
+        h, w = self.grid
+        sizes, parts, layouts = self.layouts(kw.get("image_sizes"))
+        pixel_values = kw["pixel_values"]
+        if pixel_values.dim() == 5:
+            keep = torch.arange(pixel_values.shape[1], device=pixel_values.device).unsqueeze(0) < torch.tensor(
+                parts, device=pixel_values.device).unsqueeze(1)
+            pixel_values = pixel_values[keep]
+        elif pixel_values.dim() != 4:
+            raise InputError(f"LLaVA-NeXT pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(parts):
+            raise InputError(
+                f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes {sizes} need {sum(parts)}")
+        feats = self.features(pixel_values, kw)
+        if feats.shape[1] != h * w:
+            raise UnsupportedModelError(
+                f"LLaVA-NeXT crops give {feats.shape[1]} feature tokens, not the {h}x{w} patch grid; vtc needs "
+                "vision_feature_select_strategy='default' on a CLS tower (or 'full' on a tower without CLS)")
+        flat = tokens_from(feats, self.tap, self.requires)
+        projected = not self.has_vision_ops
+        if projected:  # project exactly as stock does, partition by partition
+            flat = flat.replace(x=self.projector(flat.x))
+        tokens = anyres.group_partitions(flat, parts, layouts)
+        if self.drop_padding:
+            tokens = drop_padding(tokens)
+        newline = self.inner.image_newline
+
+        def assemble(t: VisualTokens) -> VisualTokens:
+            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad)
+
+        out = run_stages(self.pipeline, tokens, self.projector, projected=projected, out_dim=self.text_width,
+                         assemble=assemble, assemble_at=self.assemble_at)
+        return Encoded(out, [stock_length(lay) for lay in layouts])
+
+    def tower_grids(self, inputs: dict[str, Any]) -> list[list[tuple[int, int]]]:
+        """One pass per partition (base + crops) of each image; images are taken in prompt order."""
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            return super().tower_grids(inputs)
+        _, parts, _ = self.layouts(sizes)
+        out, i = [], 0
+        for n in self.images_per_prompt(inputs):
+            out.append([self.grid] * sum(parts[i:i + n]))
+            i += n
+        return out
