@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # tokens.py imports Layout from here
     from vtc.tokens import VisualTokens
 
 __all__ = ["Layout", "UNPAD_ROUNDINGS", "CropRules", "STOCK", "unpad_bounds", "AnyResGrid", "CropCells",
-           "crop_cells", "partitions", "drop_padding", "stock_length", "pooled_layouts"]
+           "crop_cells", "partitions", "drop_padding", "unpadded_positions", "stock_length", "pooled_layouts",
+           "cached", "cached_table", "cached_columns"]
 
 #: the unpad arithmetics of LLaVA-NeXT implementations (see the module docstring)
 UNPAD_ROUNDINGS = ("transformers", "float32", "float64")
@@ -475,6 +476,33 @@ def drop_padding(tokens: VisualTokens, rules: CropRules = STOCK) -> VisualTokens
     if bool((keep | ~tokens.valid).all()):
         return tokens
     return tokens.keep_mask(keep)
+
+
+def unpadded_positions(layouts: Sequence[Layout], rules: CropRules, device: torch.device) -> tuple[Tensor, Tensor, bool]:
+    """For a batch whose row ``b`` holds image ``b``'s partitions one after another in raster order
+    (position ``p*h*w + t``, as the LLaVA-NeXT integration lays the tower's tokens out), the positions
+    of the tokens the unpad under ``rules`` keeps, base first, in order: ``(positions [B, K], valid
+    [B, K], some_invalid)``. Cached per batch of layouts: what :func:`drop_padding` keeps, with no
+    host sync and no data-dependent shape."""
+    key = ("unpadded", tuple(layouts), rules)
+
+    def build() -> tuple[Tensor, Tensor, bool]:
+        rows = []
+        for lay in layouts:
+            g = AnyResGrid.from_layout(lay, "the LLaVA-NeXT unpad", rules)
+            hw = g.h * g.w
+            _, inside = g.crop_cells()
+            crop = (torch.arange(g.num_crops * hw).view(g.num_crops, hw) + hw)[inside]
+            rows.append(torch.cat([torch.arange(hw), crop]))
+        K = max(len(r) for r in rows)
+        pos = torch.zeros(len(rows), K, dtype=torch.long)
+        valid = torch.zeros(len(rows), K, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            pos[b, :len(r)] = r
+            valid[b, :len(r)] = True
+        return pos.to(device), valid.to(device), not bool(valid.all())
+
+    return cached(key, device, build)
 
 
 def pooled_layouts(tokens: VisualTokens, gh: Tensor | Sequence[int], gw: Tensor | Sequence[int],

@@ -13,7 +13,10 @@ Newline policies (``newline=``): ``"rows"`` one newline after each unpadded grid
 holds a token (LLaVA-NeXT's standard; identical to stock when nothing is pruned),
 ``"unpadded_rows"`` after every unpadded row, empty or not, ``"all_rows"`` after every one of the
 ``nH*h`` rows including rows removed by unpadding (GlobalCom²'s official code), ``"none"`` no
-newline tokens (HiRED's official code). Tokens a pooling operator averaged to a regular lattice
+newline tokens (HiRED's official code). An image so thin that the unpad leaves rows without a
+column (a 4x400 photo) gets a newline on each of those rows, as stock emits them. The crop grid is
+laid out, unpadded and its tokens placed under the pipeline's :class:`~vtc.geometry.CropRules`
+(``rules=``; stock transformers' by default). Tokens a pooling operator averaged to a regular lattice
 (``Layout.pooled``, e.g. M3's ``avg_pool2d`` with kernel ``s``) are laid out on the pooled
 ``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. Pure torch.
 """
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import ConfigError, LayoutError
-from vtc.geometry import Layout, crop_cells
+from vtc.geometry import STOCK, AnyResGrid, CropRules, Layout, cached_table, crop_cells
 from vtc.tokens import VisualTokens
 
 __all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
@@ -59,12 +62,12 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
             g = g.masked_fill(~valid_p.view(B, P, *([1] * (g.dim() - 2))), 0)
         return g.reshape(B, P * N, *t.shape[2:])
 
-    mask = valid_p.repeat_interleave(N, dim=1)
+    mask = valid_p.repeat_interleave(N, dim=1, output_size=P * N)
     size = None if flat.size is None else take(flat.size)
     zero = torch.zeros((), dtype=torch.long, device=dev)
     return VisualTokens(
         x=take(flat.x),
-        mask=None if bool(mask.all()) else mask,
+        mask=None if len(set(parts)) == 1 else mask,
         # padding gets partition 0 / index 0, which every image's layout has
         index=torch.where(mask, torch.arange(P * N, device=dev), zero),
         size=size,
@@ -75,13 +78,17 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
     )
 
 
-def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows", unpad: bool = True) -> VisualTokens:
+def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows", unpad: bool = True,
+             rules: CropRules = STOCK, exact: bool = True) -> VisualTokens:
     """LLaVA-NeXT's sequence for every image in ``tokens`` (see the module docstring).
 
     ``tokens`` hold per-image partitions (``group``, ``index``, one AnyRes ``layout`` per image);
-    ``newline`` is the ``[D]`` ``image_newline`` vector. Returns left-packed VisualTokens in sequence
-    order; a newline token has ``index = layout.num_tokens + row`` (beyond every patch index),
-    ``size`` 1, zero signals and the ``group`` of the crop that ends its row.
+    ``newline`` is the ``[D]`` ``image_newline`` vector; ``rules`` the crop rules. Returns
+    left-packed VisualTokens in sequence order; a newline token has ``index = layout.num_tokens +
+    row`` (beyond every patch index), ``size`` 1, zero signals and the ``group`` of the crop that
+    ends its row. ``exact``: as wide as the longest image (no mask when all are equal; one host
+    sync); ``exact=False``: a width known on the host and always a mask, no host sync (for the end
+    of a pipeline, where the compaction reads the counts anyway).
     """
     if policy not in NEWLINE_POLICIES:
         raise ConfigError(f"newline policy must be one of {NEWLINE_POLICIES}, got {policy!r}")
@@ -94,27 +101,28 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         raise LayoutError(f"newline policy {policy!r} needs the model's image_newline vector")
     B, N = tokens.x.shape[:2]
     dev = tokens.device
-    cells = crop_cells(tokens, unpad)  # each token's cell on the (possibly pooled) crop grid
+    cells = crop_cells(tokens, unpad, rules)  # each token's cell on the (possibly pooled) crop grid
     group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
-    nH, nW, eh = cells.nh, cells.nw, cells.eh
+    tw, eh = cells.tw, cells.eh
     R, C, inside = cells.row, cells.col, cells.inside
     r0, r1 = cells.r0, cells.r1
-    ntok = torch.tensor([lay.num_tokens for lay in layouts], device=dev).unsqueeze(1)
-    Wb = nW * cells.ew  # crop-grid width, per image [B, 1]
+    H, most = _newline_rows(layouts, rules, unpad, policy)  # grid rows, most newlines of an image (host)
+    ntok = cached_table(("num-tokens", tuple(layouts)), dev, lambda: [[lay.num_tokens] for lay in layouts])
+    Wb = tw * cells.ew  # crop-grid width, per image [B, 1]
     pos = torch.arange(N, device=dev).expand(B, N)
     big = torch.full_like(pos, -1)
     tok_key = torch.where(cells.base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
     # newline entries, one candidate per big-grid row
-    H = int((nH * eh).max().item())
     rows = torch.arange(H, device=dev).expand(B, H)
-    if policy == "rows":
+    unpadded = (rows >= r0) & (rows < r1)
+    if policy == "rows":  # rows holding a token; every unpadded row when the unpad left no column (as stock)
         has = torch.zeros(B, H + 1, dtype=torch.bool, device=dev)
         has.scatter_(1, torch.where(inside, R, torch.full_like(R, H)).clamp(0, H), True)
-        nl_ok = has[:, :H]
+        nl_ok = has[:, :H] | (unpadded & (cells.c1 == cells.c0))
     elif policy == "unpadded_rows":
-        nl_ok = (rows >= r0) & (rows < r1)
+        nl_ok = unpadded
     elif policy == "all_rows":
-        nl_ok = rows < nH * eh
+        nl_ok = rows < cells.th * eh
     else:
         nl_ok = torch.zeros(B, H, dtype=torch.bool, device=dev)
     nl_key = torch.where(nl_ok, N + rows * (Wb + 1) + Wb, torch.full_like(rows, -1))
@@ -123,7 +131,12 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
     order = torch.sort(torch.where(live, keys, torch.full_like(keys, torch.iinfo(torch.long).max)), dim=1,
                        stable=True).indices
     n_out = live.sum(1)
-    K = int(n_out.max().item()) if B else 0
+    if not B:
+        K = K_min = 0
+    elif exact:
+        K, K_min = torch.stack([n_out.max(), n_out.min()]).tolist()
+    else:
+        K, K_min = min(N + most, N + H), -1
     order = order[:, :K]
     out_valid = torch.arange(K, device=dev).unsqueeze(0) < n_out.unsqueeze(1)
     is_nl = order >= N
@@ -141,10 +154,10 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         return g
 
     nl_x = newline.to(tokens.x.dtype).to(dev).expand(B, K, -1) if newline is not None else 0.0
-    nl_group = 1 + (nl_row // eh) * nW + (nW - 1)
-    return VisualTokens(
+    nl_group = 1 + (nl_row // eh) * tw + (tw - 1)
+    return VisualTokens.unchecked(
         x=pick(tokens.x, nl_x),
-        mask=None if bool(out_valid.all()) else out_valid,
+        mask=None if K_min == K else out_valid,
         index=torch.where(is_nl, ntok + nl_row, tokens.index[rows_b, tok_pos]),
         size=None if tokens.size is None else pick(tokens.size, 1.0),
         group=torch.where(is_nl, nl_group, group[rows_b, tok_pos]),
@@ -153,3 +166,15 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         budget=tokens.budget,
         layer_space=tokens.layer_space,
     )
+
+
+def _newline_rows(layouts: Sequence[Layout], rules: CropRules, unpad: bool, policy: str) -> tuple[int, int]:
+    """``(rows of the tallest assembled crop grid, most newline tokens an image can get)`` on the host."""
+    H, most = 0, 0
+    for lay in layouts:
+        g = AnyResGrid.from_layout(lay, "assemble", rules, lay.lattice())
+        rows = g.tiles[0] * g.h
+        unpadded = g.rows[1] - g.rows[0] if unpad else rows
+        H = max(H, rows)
+        most = max(most, {"rows": unpadded, "unpadded_rows": unpadded, "all_rows": rows, "none": 0}[policy])
+    return H, most

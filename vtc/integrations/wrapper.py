@@ -65,8 +65,9 @@ class _Wrapped:
             raise InputError(f"vtc.apply needs a 2-D attention_mask [batch, length], got {tuple(mask.shape)}")
         encoded = ad.encode(kw)
         tokens = encoded.tokens
-        counts = tokens.counts
+        counts = tokens.counts if tokens.mask is not None else [tokens.num_tokens] * tokens.batch_size
         plan = compaction.plan(input_ids, mask, ad.image_token_id, encoded.stock, counts)
+        encoded.kept = plan.kept  # host counts from the plan's one sync
         ids = plan.ids(input_ids, ad.pad_token_id) if plan.changed else input_ids
         call = dict(kw)
         call.update(ad.language_inputs(kw, ids, encoded))
@@ -90,7 +91,8 @@ class _Wrapped:
                 self.states[new_cache] = ad.decode_state(kw, plan, call, encoded)
         ad.report_features(out, encoded)
         self.handle.last = Compressed(
-            counts=counts.tolist(), stock_counts=list(encoded.stock), index=tokens.unbind_index(),
+            counts=list(plan.kept), stock_counts=list(encoded.stock),
+            index=[tokens.index[i, :k] for i, k in enumerate(plan.kept)],
             num_patches=[lay.num_tokens if lay is not None else int(tokens.num_tokens) for lay in tokens.layouts()],
             positions=positions, tokens=tokens.replace(x=tokens.x.detach()),
         )

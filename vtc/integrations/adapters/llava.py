@@ -18,7 +18,7 @@ from vtc.errors import InputError
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded, ModelAdapter
 from vtc.integrations.signals import open_tap, tokens_from
-from vtc.integrations.stages import replaces_projector, run_stages
+from vtc.integrations.stages import replaces_projector
 from vtc.integrations.towers import feature_tokens
 from vtc.tokens import Layout
 
@@ -79,5 +79,5 @@ class LlavaAdapter(ModelAdapter):
         n = feats.shape[1]
         layout = Layout.grid(h, w) if n == h * w else None
         tokens = tokens_from(feats, self.tap, self.requires, layout)
-        out = run_stages(self.pipeline, tokens, self.projector, out_dim=self.text_width)
+        out = self.run_pipeline(tokens, self.projector, out_dim=self.text_width)
         return Encoded(out, [n] * feats.shape[0])

@@ -8,8 +8,10 @@ concatenated (``index = p*h*w + raster``, ``group = p``, ``Layout.for_anyres``;
 dropped before the first operator unless it asks to see them (``padding=`` option). After the
 operators the kept tokens are assembled into LLaVA-NeXT's sequence (base, unpadded crop grid,
 ``image_newline`` per row; :func:`vtc.integrations.anyres.assemble`), before the first llm-stage
-operator that works on the assembled sequence or at the end (``llm_view=``). Geometry:
-:mod:`vtc.geometry`; options: :mod:`vtc.integrations.options`.
+operator that works on the assembled sequence or at the end (``llm_view=``). The unpad and the crop
+layout follow the crop rules the pipeline's operators declare (``unpad_rounding=``; see
+:mod:`vtc.integrations.options`). Geometry: :mod:`vtc.geometry`; options:
+:mod:`vtc.integrations.options`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from typing import Any
 import torch
 
 from vtc.errors import InputError, UnsupportedModelError
-from vtc.geometry import Layout, drop_padding, stock_length
+from vtc.geometry import Layout, cached_table, stock_length, unpadded_positions
 from vtc.integrations import anyres
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded
 from vtc.integrations.adapters.llava import LlavaAdapter
 from vtc.integrations.signals import tokens_from
-from vtc.integrations.stages import run_stages
-from vtc.tokens import VisualTokens
+from vtc.tokens import VisualTokens, inputs_checked
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -42,6 +43,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self.newline_policy = options.newline_policy(pipeline)
         self.assemble_at = options.assembly_point(pipeline)
         self.drop_padding = options.drops_padding(pipeline, self.assemble_at)
+        self.rules = options.crop_rules(pipeline)
 
     def layouts(self, image_sizes: Any) -> tuple[list[tuple[int, int]], list[int], list[Layout]]:
         """``(sizes, partitions per image, layouts)`` of a batch's ``image_sizes`` (the processor's)."""
@@ -64,10 +66,13 @@ class LlavaNextAdapter(LlavaAdapter):
         h, w = self.grid
         sizes, parts, layouts = self.layouts(kw.get("image_sizes"))
         pixel_values = kw["pixel_values"]
-        if pixel_values.dim() == 5:
-            keep = torch.arange(pixel_values.shape[1], device=pixel_values.device).unsqueeze(0) < torch.tensor(
-                parts, device=pixel_values.device).unsqueeze(1)
-            pixel_values = pixel_values[keep]
+        if pixel_values.dim() == 5:  # [images, most partitions, ...]: each image's own partitions
+            most = pixel_values.shape[1]
+            if any(p > most for p in parts):
+                raise InputError(f"pixel_values hold {most} crops per image but image_sizes {sizes} need {max(parts)}")
+            rows = cached_table(("partition-rows", tuple(parts), most), pixel_values.device,
+                                lambda: [i * most + p for i, n in enumerate(parts) for p in range(n)])
+            pixel_values = pixel_values.flatten(0, 1)[rows]
         elif pixel_values.dim() != 4:
             raise InputError(f"LLaVA-NeXT pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
         if pixel_values.shape[0] != sum(parts):
@@ -83,15 +88,19 @@ class LlavaNextAdapter(LlavaAdapter):
         if projected:  # project exactly as stock does, partition by partition
             flat = flat.replace(x=self.projector(flat.x))
         tokens = anyres.group_partitions(flat, parts, layouts)
-        if self.drop_padding:
-            tokens = drop_padding(tokens)
+        if self.drop_padding:  # what the unpad removes, by a table cached per batch of layouts
+            pos, valid, some = unpadded_positions(layouts, self.rules, tokens.device)
+            with inputs_checked():
+                tokens = tokens.gather(pos, valid, some_invalid=some)
         newline = self.inner.image_newline
 
-        def assemble(t: VisualTokens) -> VisualTokens:
-            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad)
+        exact = self.assemble_at < len(self.pipeline)  # operators follow: no padding unless needed
 
-        out = run_stages(self.pipeline, tokens, self.projector, projected=projected, out_dim=self.text_width,
-                         assemble=assemble, assemble_at=self.assemble_at)
+        def assemble(t: VisualTokens) -> VisualTokens:
+            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad, self.rules, exact)
+
+        out = self.run_pipeline(tokens, self.projector, projected=projected, out_dim=self.text_width,
+                                assemble=assemble, assemble_at=self.assemble_at)
         return Encoded(out, [stock_length(lay) for lay in layouts])
 
     def tower_grids(self, inputs: dict[str, Any]) -> list[list[tuple[int, int]]]:
