@@ -21,6 +21,14 @@ instance ``main``) in a subprocess of the same run, each with its own side-by-si
 prints a before/after table. (Before this file's revision, operators had no fast mode: *before* is
 always a direct call.)
 
+**Per prefill** (``--what prefill``): what ``vtc.apply`` adds to one forward of the tiny random
+LLaVA and LLaVA-NeXT (``vtc.models.random``, 24x24 patch grids, 24 tower layers) on a batch of
+two images of different aspect ratios: dispatched ops and host syncs of the wrapped call minus
+those of the stock call on the same inputs, on the first call (which validates the pipeline's
+input) and on the next (steady state). ``identity`` is the integration alone; the other pipelines
+add their operators' own counts (the table above). Deterministic; ``tests/integrations/
+test_apply_overhead.py`` gates them.
+
 Run: ``python eval/bench_ops.py --before main`` (about a minute) or ``python eval/bench_ops.py``.
 """
 
@@ -269,12 +277,69 @@ def worker(args) -> list[dict]:
     return rows
 
 
+PREFILL = {"llava": ["identity", "random:keep=64", "divprune:keep=64"],
+           "llava_next": ["identity", "random:keep=64", "divprune:keep=64", "hired:ratio=0.2", "globalcom2"]}
+
+
+def prefill_inputs(model_kind: str):
+    """``(model, processor inputs)``: a tiny random model and two noise images of different aspect ratios."""
+    import numpy as np
+    from PIL import Image
+
+    from vtc.models import random as rnd
+
+    model, proc = (rnd.random_llava if model_kind == "llava" else rnd.random_llava_next)(vision_layers=24)
+    g = np.random.default_rng(0)
+    images = [Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((96, 96), (100, 260))]
+    text = ["user : <image> what is this ? assistant :", "<image> describe the picture"]
+    return model, proc(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def prefill_rows(vtc, args) -> list[dict]:
+    """Ops and syncs of one prefill with and without ``vtc.apply`` (see the module docstring)."""
+    count_ops = _opcount().count_ops
+    rows = []
+    for kind, specs in PREFILL.items():
+        model, inputs = prefill_inputs(kind)
+        with torch.inference_mode():
+            model(**inputs)
+            _, stock = count_ops(lambda: model(**inputs))
+            for spec in specs:
+                row = {"kind": "prefill", "model": kind, "pipeline": spec, "stock": {"ops": stock.ops, "syncs": stock.syncs}}
+                try:
+                    with vtc.apply(model, spec):
+                        _, first = count_ops(lambda: model(**inputs))
+                        _, steady = count_ops(lambda: model(**inputs))
+                    for name, c in (("first", first), ("steady", steady)):
+                        row[name] = {"ops": c.ops - stock.ops, "syncs": c.syncs - stock.syncs}
+                except Exception as e:  # noqa: BLE001 - one pipeline's failure must not hide the others
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
+    return rows
+
+
+def print_prefill(after: list[dict], before: list[dict] | None) -> None:
+    by = {(r["model"], r["pipeline"]): r for r in before or []}
+    print("\n| model | pipeline | stock ops / syncs | added ops (before → after, first call) | added ops, steady | "
+          "added syncs (before → after, first call) | added syncs, steady |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in after:
+        if "error" in r:
+            print(f"| {r['model']} | `{r['pipeline']}` | error: {r['error']} |")
+            continue
+        b = by.get((r["model"], r["pipeline"]), {})
+        bo = f"{b['steady']['ops']} → " if "steady" in b else ""
+        bs = f"{b['steady']['syncs']} → " if "steady" in b else ""
+        print(f"| {r['model']} | `{r['pipeline']}` | {r['stock']['ops']} / {r['stock']['syncs']} | "
+              f"{bo}{r['first']['ops']} | {r['steady']['ops']} | {bs}{r['first']['syncs']} | {r['steady']['syncs']} |")
+
+
 def run_worker(args, src: Path) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--batch", str(args.batch),
                "--side", str(args.side), "--dim", str(args.dim), "--keep", str(args.keep), "--warmup",
-               str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads), "--what", args.what]
         if args.ops:
             cmd += ["--ops", *args.ops]
         env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
@@ -335,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--ops", nargs="*", default=None, help="operator names (default: every registered one)")
+    ap.add_argument("--what", choices=["ops", "prefill", "all"], default="all",
+                    help="operator calls, vtc.apply per prefill, or both")
     ap.add_argument("--before", metavar="REV", help="also measure the vtc of this git revision (e.g. main)")
     ap.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     ap.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)
@@ -342,7 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        Path(args.worker).write_text(json.dumps(worker(args)))
+        import vtc
+
+        rows = worker(args) if args.what in ("ops", "all") else []
+        rows += prefill_rows(vtc, args) if args.what in ("prefill", "all") else []
+        Path(args.worker).write_text(json.dumps(rows))
         return
     before = None
     if args.before:
@@ -355,7 +426,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads or torch.get_num_threads()} torch thread(s); batch {args.batch} x {args.side ** 2} tokens x "
           f"{args.dim} fp32 (NeXT rows: x5 partitions), keep={args.keep}; CPU ms = median of {args.repeats}"
           + (f"; before = {args.before}" if args.before else "") + "\n")
-    print_table(after, before)
+    def split(rows):
+        return ([r for r in rows or [] if r.get("kind") != "prefill"],
+                [r for r in rows or [] if r.get("kind") == "prefill"])
+
+    (ops_after, pre_after), (ops_before, pre_before) = split(after), split(before)
+    if ops_after:
+        print_table(ops_after, ops_before if before is not None else None)
+    if pre_after:
+        print_prefill(pre_after, pre_before if before is not None else None)
     if args.json:
         Path(args.json).write_text(json.dumps({"after": after, "before": before}, indent=1))
 

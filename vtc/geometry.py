@@ -427,40 +427,58 @@ class CropCells:
 def crop_cells(tokens: VisualTokens, unpad: bool = True, rules: CropRules = STOCK) -> CropCells:
     """Each token's cell in its image's crop grid on the layout's :meth:`~Layout.lattice`, under ``rules``.
 
-    ``tokens`` hold per-image AnyRes partitions (``group`` or indices that say the partition, one
-    ``for_anyres`` layout per image). ``unpad=False`` keeps the whole crop grid.
+    ``tokens`` hold per-image AnyRes partitions (one ``for_anyres`` layout per image; a token's
+    partition and cell follow from its ``index``). ``unpad=False`` keeps the whole crop grid. Every
+    original index's cell is looked up in a table cached per batch of layouts.
     """
     layouts = _anyres_layouts(tokens, "the LLaVA-NeXT crop geometry")
     if any(len(set(lay.grids)) != 1 for lay in layouts):
         raise LayoutError("the LLaVA-NeXT crop geometry needs every partition of an image to have the same patch grid")
+    key = ("crop-cells", tuple(layouts), rules, unpad)
+    grids = [_grid(lay, rules, lay.lattice()) for lay in layouts]
 
     def meta_rows() -> list[list[int]]:
         rows = []
-        for lay in layouts:  # per-image geometry on Python ints (cached)
-            g = _grid(lay, rules, lay.lattice())
+        for g in grids:  # per-image geometry on Python ints
             th, tw = g.tiles
             bounds = (*g.rows, *g.cols) if unpad else (0, th * g.h, 0, tw * g.w)
             rows.append([g.nh, g.nw, th, tw, g.h, g.w, *bounds])
         return rows
 
-    nh, nw, th, tw, eh, ew, r0, r1, c0, c1 = cached_columns(("crop-cells", tuple(layouts), rules, unpad),
-                                                            tokens.device, meta_rows)
-    group = partitions(tokens)
-    tokens = tokens if tokens.group is not None else tokens.replace(group=group)
-    r, c, h, w = tokens.grid_position()
+    nh, nw, th, tw, eh, ew, r0, r1, c0, c1 = cached_columns(key, tokens.device, meta_rows)
+    table = cached(key + ("cells",), tokens.device, lambda: _cell_table(layouts, grids, unpad).to(tokens.device))
+    rows = torch.arange(tokens.batch_size, device=tokens.device).unsqueeze(1)
+    cell = table[:, rows, tokens.index.clamp(0, table.shape[2] - 1)]  # [3, B, N]: row, col, kind
     valid = tokens.valid
-    ci = (group - 1).clamp_min(0)
-    tr, tc = ci // tw, ci % tw
-    lr, lc = r * eh // h, c * ew // w
-    row, col = tr * eh + lr, tc * ew + lc
-    crop = valid & (group >= 1)
-    inside = crop & (row >= r0) & (row < r1) & (col >= c0) & (col < c1)
-    if rules.rank_placement:
-        rank = _crop_rank(lr, lc, tr * eh, tc * ew, eh, ew, (r0, r1), (c0, c1))
-        row = torch.where(inside, tr * eh + rank // ew, row)
-        col = torch.where(inside, tc * ew + rank % ew, col)
-    return CropCells(row=row, col=col, base=valid & (group == 0), crop=crop, inside=inside, nh=nh, nw=nw, eh=eh,
-                     ew=ew, r0=r0, r1=r1, c0=c0, c1=c1, th=th, tw=tw)
+    kind = cell[2]
+    return CropCells(row=cell[0], col=cell[1], base=valid & (kind == 0), crop=valid & (kind > 0),
+                     inside=valid & (kind == 1), nh=nh, nw=nw, eh=eh, ew=ew, r0=r0, r1=r1, c0=c0, c1=c1, th=th, tw=tw)
+
+
+def _cell_table(layouts: Sequence[Layout], grids: Sequence[AnyResGrid], unpad: bool) -> Tensor:
+    """``[3, B, M]`` long over every original token index of each image: the cell ``(row, col)`` on
+    the lattice where the token is emitted, and its kind (0: base view, 1: crop cell the unpad keeps,
+    2: crop cell it removes)."""
+    M = max(lay.num_tokens for lay in layouts)
+    out = torch.zeros(3, len(layouts), M, dtype=torch.long)
+    for b, (lay, g) in enumerate(zip(layouts, grids)):
+        (h, w), n = lay.grids[0], lay.num_tokens
+        hw = h * w
+        i = torch.arange(hw, n)
+        ci, t = i // hw - 1, i % hw
+        tw = g.tiles[1]
+        tr, tc = ci // tw, ci % tw
+        lr, lc = (t // w) * g.h // h, (t % w) * g.w // w
+        row, col = tr * g.h + lr, tc * g.w + lc
+        rows, cols = (g.rows, g.cols) if unpad else ((0, g.tiles[0] * g.h), (0, tw * g.w))
+        inside = (row >= rows[0]) & (row < rows[1]) & (col >= cols[0]) & (col < cols[1])
+        if g.rank_placement:
+            rank = _crop_rank(lr, lc, tr * g.h, tc * g.w, g.h, g.w, rows, cols)
+            row = torch.where(inside, tr * g.h + rank // g.w, row)
+            col = torch.where(inside, tc * g.w + rank % g.w, col)
+        out[0, b, hw:n], out[1, b, hw:n] = row, col
+        out[2, b, hw:n] = torch.where(inside, 1, 2)
+    return out
 
 
 def drop_padding(tokens: VisualTokens, rules: CropRules = STOCK) -> VisualTokens:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import ConfigError, LayoutError
-from vtc.geometry import STOCK, AnyResGrid, CropRules, Layout, cached_table, crop_cells
+from vtc.geometry import STOCK, AnyResGrid, CropRules, Layout, cached, cached_table, crop_cells
 from vtc.tokens import VisualTokens
 
 __all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
@@ -50,28 +50,34 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
         raise LayoutError("group_partitions takes complete partitions (no mask)")
     dev = flat.device
     B, P = len(parts), max(parts)
-    counts = torch.tensor(list(parts), device=dev)
-    start = torch.cumsum(counts, 0) - counts
-    p = torch.arange(P, device=dev)
-    row = (start.unsqueeze(1) + p).clamp_max(T - 1)  # [B, P] flat row of each (image, partition)
-    valid_p = p.unsqueeze(0) < counts.unsqueeze(1)
+    full = len(set(parts)) == 1  # every image has every partition: no padding
+
+    def tables() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        counts = torch.tensor(list(parts))
+        start = torch.cumsum(counts, 0) - counts
+        p = torch.arange(P)
+        row = (start.unsqueeze(1) + p).clamp_max(T - 1)  # [B, P] flat row of each (image, partition)
+        valid_p = p.unsqueeze(0) < counts.unsqueeze(1)
+        mask = valid_p.repeat_interleave(N, dim=1)
+        # padding gets partition 0 / index 0, which every image's layout has
+        index = torch.where(mask, torch.arange(P * N), 0)
+        group = torch.where(mask, p.repeat_interleave(N), 0)
+        return tuple(t.to(dev) for t in (row, valid_p, mask, index, group))
+
+    row, valid_p, mask, index, group = cached(("partitions", tuple(parts), T, N), dev, tables)
 
     def take(t: Tensor) -> Tensor:
         g = t[row]  # [B, P, N, ...]
-        if g.is_floating_point():
+        if g.is_floating_point() and not full:
             g = g.masked_fill(~valid_p.view(B, P, *([1] * (g.dim() - 2))), 0)
         return g.reshape(B, P * N, *t.shape[2:])
 
-    mask = valid_p.repeat_interleave(N, dim=1, output_size=P * N)
-    size = None if flat.size is None else take(flat.size)
-    zero = torch.zeros((), dtype=torch.long, device=dev)
     return VisualTokens(
         x=take(flat.x),
-        mask=None if len(set(parts)) == 1 else mask,
-        # padding gets partition 0 / index 0, which every image's layout has
-        index=torch.where(mask, torch.arange(P * N, device=dev), zero),
-        size=size,
-        group=torch.where(mask, p.repeat_interleave(N), zero),
+        mask=None if full else mask,
+        index=index,
+        size=None if flat.size is None else take(flat.size),
+        group=group,
         layout=tuple(layouts),
         signals={k: {l: take(t) for l, t in v.items()} for k, v in flat.signals.items()},
         layer_space=flat.layer_space,

@@ -5,10 +5,19 @@ instance, never on its class) or :meth:`Handle.on_remove` (e.g. removing a tap's
 :meth:`Handle.remove` restores the model exactly: afterwards its ``__dict__`` and its modules'
 hooks are what they were. The handle is a context manager (``with vtc.apply(model, p): ...``)
 and records what the latest compressed forward did in :attr:`Handle.last`.
+
+``copy.deepcopy`` of a model with an active handle gives a copy with its own compression: the copy
+is made of the model as it was before ``vtc.apply`` (without the wrapped ``forward``, the
+attributes the integration set and the hooks it added to any of the model's modules), and
+``vtc.apply`` then attaches a deep copy of the pipeline, with the same options, to the copy. The
+copy's handle (:func:`handle_of`) is its own: removing either handle leaves the other model
+compressed, and changing the copy's weights changes only the copy's outputs.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +26,33 @@ from torch import Tensor
 
 from vtc.errors import ConfigError
 
-__all__ = ["Handle", "Compressed"]
+__all__ = ["Handle", "Compressed", "handle_of"]
 
 _MISSING = object()
+
+#: the hook tables of a ``torch.nn.Module`` (what a tap or the in-LLM stage registers into)
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+              "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def hook_keys(model: Any) -> dict[tuple[int, str], set[Any]]:
+    """The hook ids in every hook table of every module of ``model`` (to find later which were added)."""
+    out = {}
+    for m in model.modules():
+        for name in HOOK_DICTS:
+            d = m.__dict__.get(name)
+            if isinstance(d, dict):
+                out[(id(m), name)] = set(d)
+    return out
+
+
+def handle_of(model: Any) -> Handle | None:
+    """The active :class:`Handle` of ``model`` (None if ``vtc.apply`` is not active on it)."""
+    from vtc.integrations.wrapper import _MARK
+
+    handle = getattr(model.__dict__.get("forward"), _MARK, None)
+    return handle if handle is not None and handle.active else None
 
 
 @dataclass
@@ -53,6 +86,8 @@ class Handle:
         self.options = options
         self.last: Compressed | None = None
         self._undo: list[Callable[[], None]] = []
+        self._attrs: list[tuple[Any, str, Any]] = []  # (object, name, value before) of set_attr
+        self._hooks: list[tuple[Any, str, Any]] = []  # (module, hook table, hook id) added by the integration
         self.active = True
 
     # ------------------------------------------------------------------ recording changes
@@ -67,9 +102,55 @@ class Handle:
                 obj.__dict__[name] = before
         obj.__dict__[name] = value
         self._undo.append(undo)
+        self._attrs.append((obj, name, before))
 
     def on_remove(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
+
+    def track_hooks(self, model: Any, before: dict[tuple[int, str], set[Any]]) -> None:
+        """Record the hooks added to ``model``'s modules since :func:`hook_keys` gave ``before``."""
+        for m in model.modules():
+            for name in HOOK_DICTS:
+                d = m.__dict__.get(name)
+                if isinstance(d, dict):
+                    self._hooks.extend((m, name, key) for key in d.keys() - before.get((id(m), name), set()))
+
+    def copies_with_compression(self) -> None:
+        """Make ``copy.deepcopy(model)`` give a copy with its own compression (see the module docstring)."""
+        self.set_attr(self.model, "__deepcopy__", self._deepcopy)
+
+    def _deepcopy(self, memo: dict[int, Any]) -> Any:
+        from vtc.integrations import apply
+
+        model = self.model
+        clone = type(model).__new__(type(model))
+        memo[id(model)] = clone
+        ours = {id(obj): {} for obj, _, _ in self._attrs}
+        for obj, name, before in self._attrs:  # the earliest value recorded is the one before vtc
+            ours[id(obj)].setdefault(name, before)
+        state = dict(model.__getstate__())
+        for name, before in ours.get(id(model), {}).items():
+            if before is _MISSING:
+                state.pop(name, None)
+            else:
+                state[name] = before
+        clone.__setstate__(copy.deepcopy(state, memo))
+        for obj, _, _ in self._attrs:  # attributes set on the model's other objects (its modules, config)
+            twin = memo.get(id(obj))
+            if twin is None or obj is model:
+                continue
+            for name, before in ours[id(obj)].items():
+                if before is _MISSING:
+                    twin.__dict__.pop(name, None)
+                else:
+                    twin.__dict__[name] = copy.deepcopy(before, memo)
+        for module, table, key in self._hooks:
+            twin = memo.get(id(module))
+            if twin is not None:
+                twin.__dict__[table].pop(key, None)
+        options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+        apply(clone, copy.deepcopy(self.pipeline, memo), **options)
+        return clone
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
