@@ -193,7 +193,10 @@ def _unpadded_side(other: int, cur: int, side: int, rounding: str) -> int:
         return int(round(other * (cur / side), 7))
     if rounding == "float64":
         return int(other * (cur / side))
-    return int(_f32(_f32(other) * _f32(_f32(cur) / _f32(side))))
+    # the fork: ``side`` and ``other`` are int64 tensors, so ``cur / side`` is torch's
+    # ``side.reciprocal() * cur`` in float32, and the product is float32 too
+    scale = _f32(_f32(1.0 / _f32(side)) * _f32(cur))
+    return int(_f32(_f32(other) * scale))
 
 
 def unpad_bounds(grid: tuple[int, int], image_size: tuple[int, int],

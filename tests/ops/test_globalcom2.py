@@ -18,7 +18,8 @@ from vtc import Layout, VisualTokens
 from vtc.errors import ConfigError, LayoutError, SignalError
 
 # (nH, nW, patch side, original (height, width)): unpadding removes rows, rows, columns, rows,
-# nothing, rows, columns of side-by-side crops (the official rank placement reflows their rows);
+# nothing, rows, columns of side-by-side crops (the official rank placement reflows their rows),
+# columns where the roundings differ;
 # 3x1 on 8 rows makes the official tiles (rows 0-1, 2-3, 4-7) uneven
 CASES = [
     (3, 1, 8, (200, 50)),
@@ -29,6 +30,7 @@ CASES = [
     (2, 2, 8, (80, 80)),
     (2, 2, 24, (300, 500)),
     (2, 2, 8, (160, 100)),
+    (1, 2, 8, (392, 343)),  # original LLaVA's float64 keeps columns 5..10, transformers' 4..11
 ]
 
 

@@ -17,7 +17,9 @@ from vtc import Layout, VisualTokens
 from vtc.errors import BudgetError, ConfigError, InputError, LayoutError, SignalError
 
 # (nH, nW, patch side, original (height, width)): unpadding removes columns, rows, rows, columns,
-# rows, nothing, rows; 3x1 on 8x8 has 64 thumbnail tokens for 3 chunks (the official reshape fails)
+# rows, nothing, rows; 3x1 on 8x8 has 64 thumbnail tokens for 3 chunks (the official reshape fails);
+# 287x328 on 1x2 crops: the official (transposed, 16x8) grid keeps rows 5..10 in float32, 4..11 in
+# transformers' arithmetic
 CASES = [
     (3, 1, 8, (200, 50)),
     (2, 2, 8, (100, 160)),
@@ -26,6 +28,7 @@ CASES = [
     (1, 3, 6, (40, 180)),
     (2, 2, 8, (80, 80)),
     (2, 2, 24, (300, 500)),
+    (1, 2, 8, (287, 328)),
 ]
 
 
