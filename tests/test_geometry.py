@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _geometry_ref import ref_cells, ref_unpad  # tests/ is on sys.path (its conftest)
 
 import vtc
 from vtc.errors import LayoutError
-from vtc.geometry import (AnyResGrid, CropRules, Layout, crop_cells, drop_padding, partitions, pooled_layouts,
-                          stock_length, unpad_bounds, unpadded_positions)
+from vtc.geometry import (
+    AnyResGrid,
+    CropRules,
+    Layout,
+    crop_cells,
+    drop_padding,
+    partitions,
+    pooled_layouts,
+    stock_length,
+    unpad_bounds,
+    unpadded_positions,
+)
 from vtc.integrations import anyres
 from vtc.tokens import VisualTokens
 
@@ -104,21 +115,6 @@ def test_pooled_layout_validation():
 
 
 # ---------------------------------------------------------------------- unpad arithmetic and crop rules
-def ref_unpad(grid, size, rounding):
-    """Each implementation's unpad, written as it computes it: current transformers rounds to 7
-    decimals, original LLaVA truncates the float64 product, HiRED's fork gets the image size as a
-    LongTensor row (so its ratios and product are torch float32)."""
-    H, W = grid
-    oh, ow = size
-    if rounding == "float32":
-        oh, ow = torch.tensor(oh), torch.tensor(ow)
-    wider = bool(ow / oh > W / H)
-    x = oh * (W / ow) if wider else ow * (H / oh)
-    new = int(round(x, 7)) if rounding == "transformers" else int(x)
-    pad = ((H if wider else W) - new) // 2
-    return (pad, H - pad, 0, W) if wider else (0, H, pad, W - pad)
-
-
 # LLaVA-NeXT (336-px crops of 24x24 patches) image sizes (height, width) where the arithmetics keep
 # different rows or columns, with the crop grid LLaVA-NeXT picks for them; found by a search over
 # 100..399 px (9 of 90000 sizes differ in float32, 5 in float64; python eval/geometry_parity.py)
@@ -149,25 +145,6 @@ def test_thin_images_leave_an_empty_unpadded_grid_as_stock():
     g = AnyResGrid.from_layout(Layout.for_anyres(24, (3, 1), image_size=(400, 4)), "test")
     assert g.valid_size() == (72, 0) and not bool(g.crop_cells()[1].any())
     assert stock_length(Layout.for_anyres(24, (3, 1), image_size=(400, 4))) == 576 + 72
-
-
-def ref_cells(nh, nw, side, size, rounding="transformers", transposed=False, rank=False):
-    """{token index: (kept by the unpad, emitted (row, col))} of one image, by loops."""
-    tw = nh if transposed else nw  # the crops (row-major) fill tw columns of crops
-    H, W = nh * nw // tw * side, tw * side
-    r0, r1, c0, c1 = ref_unpad((H, W), size, rounding)
-    out = {}
-    for c in range(nh * nw):
-        a, b = divmod(c, tw)
-        inside = [(i, j) for i in range(side) for j in range(side)
-                  if r0 <= a * side + i < r1 and c0 <= b * side + j < c1]
-        for t in range(side * side):
-            i, j = divmod(t, side)
-            ok = (i, j) in inside
-            if rank and ok:  # GlobalCom²: the cell numbered by its rank among the crop's unpadded cells
-                i, j = divmod(inside.index((i, j)), side)
-            out[(c + 1) * side * side + t] = (ok, (a * side + i, b * side + j))
-    return out
 
 
 @pytest.mark.parametrize("rules", [CropRules(), CropRules("float32", transposed=True), CropRules("float64", rank_placement=True),
