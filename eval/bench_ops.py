@@ -25,9 +25,11 @@ always a direct call.)
 LLaVA and LLaVA-NeXT (``vtc.models.random``, 24x24 patch grids, 24 tower layers) on a batch of
 two images of different aspect ratios: dispatched ops and host syncs of the wrapped call minus
 those of the stock call on the same inputs, on the first call (which validates the pipeline's
-input) and on the next (steady state). ``identity`` is the integration alone; the other pipelines
-add their operators' own counts (the table above). Deterministic; ``tests/integrations/
-test_apply_overhead.py`` gates them.
+input and builds the geometry tables of the batch's layouts) and on the next (steady state).
+``identity`` is the integration alone; the other pipelines add their operators' own counts (the
+table above; with images of different sizes they see padded batches, where a data-dependent count
+costs a sync). Deterministic; ``tests/integrations/test_apply_overhead.py`` gates them. *Before*
+(``--before REV``) has no validate-once path: its every call is counted.
 
 Run: ``python eval/bench_ops.py --before main`` (about a minute) or ``python eval/bench_ops.py``.
 """
@@ -324,8 +326,8 @@ def prefill_rows(vtc, args) -> list[dict]:
 
 def print_prefill(after: list[dict], before: list[dict] | None) -> None:
     by = {(r["model"], r["pipeline"]): r for r in before or []}
-    print("\n| model | pipeline | stock ops / syncs | added ops (before → after, first call) | added ops, steady | "
-          "added syncs (before → after, first call) | added syncs, steady |")
+    print("\n| model | pipeline | stock ops / syncs | ops added (before → after) | after, first call | "
+          "syncs added (before → after) | after, first call |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in after:
         if "error" in r:
@@ -335,7 +337,7 @@ def print_prefill(after: list[dict], before: list[dict] | None) -> None:
         bo = f"{b['steady']['ops']} → " if "steady" in b else ""
         bs = f"{b['steady']['syncs']} → " if "steady" in b else ""
         print(f"| {r['model']} | `{r['pipeline']}` | {r['stock']['ops']} / {r['stock']['syncs']} | "
-              f"{bo}{r['first']['ops']} | {r['steady']['ops']} | {bs}{r['first']['syncs']} | {r['steady']['syncs']} |")
+              f"{bo}{r['steady']['ops']} | {r['first']['ops']} | {bs}{r['steady']['syncs']} | {r['first']['syncs']} |")
 
 
 def run_worker(args, src: Path) -> list[dict]:

@@ -82,6 +82,14 @@ def hired_table(seeds: int) -> None:
               f"{got['clean']:.1f} |")
 
 
+def sequence(pos, cells, idx, W: int, rows: int) -> list[int]:
+    """The crop part of the sequence: tokens ``idx`` (crop cells ``cells``) emitted at grid positions
+    ``pos``, a newline (negative ids) after every one of the ``rows`` grid rows."""
+    keys = [(int(pos[c, t]) // W * (W + 1) + int(pos[c, t]) % W, i) for (c, t), i in zip(cells, idx)]
+    keys += [(r * (W + 1) + W, -1 - r) for r in range(rows)]
+    return [i for _, i in sorted(keys)]
+
+
 def globalcom2_table(seeds: int) -> None:
     print("\n| image (h x w) | crops | kept crop tokens | moved by rank placement | sequence differs |")
     print("|---|---|---:|---:|---|")
@@ -100,13 +108,7 @@ def globalcom2_table(seeds: int) -> None:
             kept += len(idx)
             moved += sum(int(own[c, t]) != int(placed[c, t]) for c, t in cells)
 
-            def seq(pos):
-                rows = g.tiles[0] * 24
-                keys = [(int(pos[c, t]) // W * (W + 1) + int(pos[c, t]) % W, i) for (c, t), i in zip(cells, idx)]
-                keys += [(r * (W + 1) + W, -1 - r) for r in range(rows)]  # a newline after every row
-                return [i for _, i in sorted(keys)]
-
-            differs += seq(own) != seq(placed)
+            differs += sequence(own, cells, idx, W, g.tiles[0] * 24) != sequence(placed, cells, idx, W, g.tiles[0] * 24)
         print(f"| {size[0]} x {size[1]} | {'x'.join(map(str, crop_grid(*size)))} | {kept / seeds:.1f} | "
               f"{moved / seeds:.1f} | {differs} of {seeds} |")
 

@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # tokens.py imports Layout from here
 
 __all__ = ["Layout", "UNPAD_ROUNDINGS", "CropRules", "STOCK", "unpad_bounds", "AnyResGrid", "CropCells",
            "crop_cells", "partitions", "drop_padding", "unpadded_positions", "stock_length", "pooled_layouts",
-           "cached", "cached_table", "cached_columns"]
+           "cached", "cached_table", "cached_columns", "to_device"]
 
 #: the unpad arithmetics of LLaVA-NeXT implementations (see the module docstring)
 UNPAD_ROUNDINGS = ("transformers", "float32", "float64")
@@ -364,7 +364,12 @@ def cached(key: Any, device: torch.device, build: Callable[[], Any]) -> Any:
 
 def cached_table(key: Any, device: torch.device, build: Callable[[], Any], dtype: torch.dtype = torch.long) -> Tensor:
     """:func:`cached` for a table built on the host (nested lists or a CPU tensor) as ``dtype`` on ``device``."""
-    return cached((key, "table", dtype), device, lambda: torch.as_tensor(build(), dtype=dtype).to(device))
+    return cached((key, "table", dtype), device, lambda: to_device(torch.as_tensor(build(), dtype=dtype), device))
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host-built table on ``device`` without waiting for the device (an asynchronous copy)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def cached_columns(key: Any, device: torch.device, build: Callable[[], Any]) -> tuple[Tensor, ...]:
@@ -449,7 +454,7 @@ def crop_cells(tokens: VisualTokens, unpad: bool = True, rules: CropRules = STOC
         return rows
 
     nh, nw, th, tw, eh, ew, r0, r1, c0, c1 = cached_columns(key, tokens.device, meta_rows)
-    table = cached(key + ("cells",), tokens.device, lambda: _cell_table(layouts, grids, unpad).to(tokens.device))
+    table = cached(key + ("cells",), tokens.device, lambda: to_device(_cell_table(layouts, grids, unpad), tokens.device))
     rows = torch.arange(tokens.batch_size, device=tokens.device).unsqueeze(1)
     cell = table[:, rows, tokens.index.clamp(0, table.shape[2] - 1)]  # [3, B, N]: row, col, kind
     valid = tokens.valid
@@ -521,7 +526,7 @@ def unpadded_positions(layouts: Sequence[Layout], rules: CropRules, device: torc
         for b, r in enumerate(rows):
             pos[b, :len(r)] = r
             valid[b, :len(r)] = True
-        return pos.to(device), valid.to(device), not bool(valid.all())
+        return to_device(pos, device), to_device(valid, device), not bool(valid.all())
 
     return cached(key, device, build)
 

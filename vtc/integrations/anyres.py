@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import ConfigError, LayoutError
-from vtc.geometry import STOCK, AnyResGrid, CropRules, Layout, cached, cached_table, crop_cells
+from vtc.geometry import STOCK, AnyResGrid, CropRules, Layout, cached, cached_table, crop_cells, to_device
 from vtc.tokens import VisualTokens
 
 __all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
@@ -62,7 +62,7 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
         # padding gets partition 0 / index 0, which every image's layout has
         index = torch.where(mask, torch.arange(P * N), 0)
         group = torch.where(mask, p.repeat_interleave(N), 0)
-        return tuple(t.to(dev) for t in (row, valid_p, mask, index, group))
+        return tuple(to_device(t, dev) for t in (row, valid_p, mask, index, group))
 
     row, valid_p, mask, index, group = cached(("partitions", tuple(parts), T, N), dev, tables)
 
