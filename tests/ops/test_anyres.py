@@ -3,7 +3,6 @@
 import random
 
 import torch
-
 from _ops_testlib import CLIP_L
 
 import vtc

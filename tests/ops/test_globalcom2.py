@@ -11,7 +11,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-
 from _ops_testlib import CLIP_L
 
 import vtc

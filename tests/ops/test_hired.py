@@ -10,7 +10,6 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-
 from _ops_testlib import CLIP_L
 
 import vtc
