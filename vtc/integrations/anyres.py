@@ -15,7 +15,10 @@ holds a token (LLaVA-NeXT's standard; identical to stock when nothing is pruned)
 ``nH*h`` rows including rows removed by unpadding (GlobalCom²'s official code), ``"none"`` no
 newline tokens (HiRED's official code). Tokens a pooling operator averaged to a regular lattice
 (``Layout.pooled``, e.g. M3's ``avg_pool2d`` with kernel ``s``) are laid out on the pooled
-``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. Pure torch.
+``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. A crop's CLS
+token (``index`` -1, handed to VisionZip official: :mod:`vtc.integrations.cls_token`) has no cell:
+the crops' CLS tokens come after the crop grid and its newlines, in crop order, as VisionZip's
+official LLaVA-NeXT code appends them. Pure torch.
 """
 
 from __future__ import annotations
@@ -94,7 +97,13 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         raise LayoutError(f"newline policy {policy!r} needs the model's image_newline vector")
     B, N = tokens.x.shape[:2]
     dev = tokens.device
-    cells = crop_cells(tokens, unpad)  # each token's cell on the (possibly pooled) crop grid
+    is_cls = tokens.valid & (tokens.index < 0)  # CLS tokens: no cell (geometry reads their partition's first)
+    geo = tokens
+    if bool(is_cls.any()):
+        hw = torch.tensor([lay.grids[0][0] * lay.grids[0][1] for lay in layouts], device=tokens.device).unsqueeze(1)
+        part = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+        geo = tokens.replace(index=torch.where(is_cls, part * hw, tokens.index))
+    cells = crop_cells(geo, unpad)  # each token's cell on the (possibly pooled) crop grid
     group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
     nH, nW, eh = cells.nh, cells.nw, cells.eh
     R, C, inside = cells.row, cells.col, cells.inside
@@ -103,9 +112,11 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
     Wb = nW * cells.ew  # crop-grid width, per image [B, 1]
     pos = torch.arange(N, device=dev).expand(B, N)
     big = torch.full_like(pos, -1)
-    tok_key = torch.where(cells.base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
     # newline entries, one candidate per big-grid row
     H = int((nH * eh).max().item())
+    after_grid = N + H * (Wb + 1) + pos  # beyond every grid and newline key
+    tok_key = torch.where(cells.base, pos, torch.where(inside & ~is_cls, N + R * (Wb + 1) + C,
+                                                       torch.where(is_cls, after_grid, big)))
     rows = torch.arange(H, device=dev).expand(B, H)
     if policy == "rows":
         has = torch.zeros(B, H + 1, dtype=torch.bool, device=dev)

@@ -144,7 +144,7 @@ class VisionZip(PerPartition, Selector):
         is_cls = valid & (tokens.index == CLS_INDEX)
         patch = valid & ~is_cls
         if self.wants_cls_token:
-            if not bool(is_cls.any(1).all()):
+            if not bool((is_cls.any(1) | ~valid.any(1)).all()):  # every non-empty row holds its CLS token
                 raise SignalError(
                     "operator 'visionzip' with compat='official' includes the tower's CLS token, which the tokens do "
                     f"not hold: the integration must pass it as the first token (index {CLS_INDEX}) of each image or "
