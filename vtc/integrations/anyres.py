@@ -28,13 +28,27 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vtc.errors import ConfigError, LayoutError
+from vtc.errors import ConfigError, InputError, LayoutError
 from vtc.geometry import Layout, crop_cells
 from vtc.tokens import VisualTokens
 
-__all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
+__all__ = ["NEWLINE_POLICIES", "partition_pixels", "group_partitions", "assemble"]
 
 NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
+
+
+def partition_pixels(pixel_values: Tensor, parts: Sequence[int], family: str) -> Tensor:
+    """The ``[sum(parts), 3, H, W]`` tower inputs of a processor's ``pixel_values``: ``[images, max
+    partitions, 3, H, W]`` (padded; image ``i`` uses its first ``parts[i]``) or already 4-D."""
+    if pixel_values.dim() == 5:
+        dev = pixel_values.device
+        keep = torch.arange(pixel_values.shape[1], device=dev).unsqueeze(0) < torch.tensor(parts, device=dev).unsqueeze(1)
+        pixel_values = pixel_values[keep]
+    elif pixel_values.dim() != 4:
+        raise InputError(f"{family} pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] != sum(parts):
+        raise InputError(f"pixel_values hold {pixel_values.shape[0]} crops but the images need {sum(parts)}")
+    return pixel_values
 
 
 def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence[Layout]) -> VisualTokens:

@@ -41,7 +41,8 @@ def wanted(pipeline: Pipeline, family: str, has_cls: bool) -> bool:
     if not has_cls:
         raise ConfigError(f"{name!r} with compat='official' keeps the tower's CLS token, which this {family} model "
                           "does not hand to its projector (a tower without CLS, or vision_feature_select_strategy "
-                          f"'full'); use {name}:compat=clean")
+                          f"'full'); on a tower without CLS use {name}:signal=attn_received (it keeps no CLS token), "
+                          f"else {name}:compat=clean")
     return True
 
 

@@ -12,7 +12,7 @@ image (:mod:`vtc.integrations.cls_token`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,6 +34,8 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     class_names = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
+    #: whether this family hands a CLIP tower's CLS token to an operator that keeps it (VisionZip official)
+    hands_cls_token: ClassVar[bool] = True
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -46,7 +48,8 @@ class LlavaAdapter(ModelAdapter):
         replaces_projector(pipeline)  # a misplaced projector-replacing operator fails here, not at the first call
         self.has_vision_ops = any(op.stage == "vision" for op in pipeline)
         self.requires = pipeline.requires
-        has_cls = prefix_tokens(self.vision_tower) == 1 and self.config.vision_feature_select_strategy == "default"
+        has_cls = (self.hands_cls_token and prefix_tokens(self.vision_tower) == 1
+                   and self.config.vision_feature_select_strategy == "default")
         self.cls_token = cls_token.wanted(pipeline, self.family, has_cls)
         self.tap = open_tap(self.vision_tower, self.requires, who=f"the pipeline {pipeline}",
                             feature_layer=self.feature_layer())

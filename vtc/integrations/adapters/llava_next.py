@@ -65,16 +65,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, kw: dict[str, Any]) -> Encoded:
         h, w = self.grid
         sizes, parts, layouts = self.layouts(kw.get("image_sizes"))
-        pixel_values = kw["pixel_values"]
-        if pixel_values.dim() == 5:
-            keep = torch.arange(pixel_values.shape[1], device=pixel_values.device).unsqueeze(0) < torch.tensor(
-                parts, device=pixel_values.device).unsqueeze(1)
-            pixel_values = pixel_values[keep]
-        elif pixel_values.dim() != 4:
-            raise InputError(f"LLaVA-NeXT pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] != sum(parts):
-            raise InputError(
-                f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes {sizes} need {sum(parts)}")
+        pixel_values = anyres.partition_pixels(kw["pixel_values"], parts, "LLaVA-NeXT")
         feats, cls = self.features(pixel_values, kw)
         if feats.shape[1] != h * w:
             raise UnsupportedModelError(
