@@ -35,7 +35,8 @@ def _tap_cost(tower, run, requires, **kw):
 def test_hf_towers(kind):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    cfg_cls, model_cls = (CLIPVisionConfig, CLIPVisionModel) if kind == "clip" else (SiglipVisionConfig, SiglipVisionModel)
+    clip = kind == "clip"
+    cfg_cls, model_cls = (CLIPVisionConfig, CLIPVisionModel) if clip else (SiglipVisionConfig, SiglipVisionModel)
     torch.manual_seed(0)
     cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
                   patch_size=8)

@@ -29,7 +29,7 @@ def _tokens(pipe, B=3, side=12, dim=8):
     for name, layers in pipe.requires.items():
         sig[name] = (CLIP_L.resolve_all(layers), 4 if name == "keys" else None)
     t = grid_tokens([side * side] * B, side, D=dim, seed=0, full=True, signals=sig, dtype=torch.float32)
-    return VisualTokens(layer_space=CLIP_L, x=t.x, signals=t.signals, layout=Layout.grid(side))  # default (raster) index
+    return VisualTokens(x=t.x, signals=t.signals, layout=Layout.grid(side), layer_space=CLIP_L)  # default (raster) index
 
 
 def _fast(pipe, t):
@@ -157,7 +157,7 @@ def test_divprune_keeps_one_n_by_n_buffer():
             return out
 
     x = torch.randn(B, N, 8)
-    for t in (VisualTokens(layer_space=CLIP_L, x=x), VisualTokens(layer_space=CLIP_L, x=x, mask=torch.arange(N).expand(B, N) < torch.tensor([[N], [N - 9]]))):
+    for t in (VisualTokens(x=x), VisualTokens(x=x, mask=torch.arange(N).expand(B, N) < torch.tensor([[N], [N - 9]]))):
         big.clear()
         with Allocs():
             vtc.build("divprune:keep=20")(t, validate=False)

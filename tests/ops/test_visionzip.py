@@ -59,9 +59,9 @@ def test_official_keeps_the_cls_token_and_counts_it_as_dominant():
     base = grid_tokens([25, 25], 5, D=4, seed=1, full=True, signals={"cls_attn": ([22], None), "keys": ([22], 3)})
     cls_x = torch.randn(2, 1, 4, dtype=torch.float64)
     # the integration hands in the CLS token first, index CLS_INDEX (its signals are not read)
-    t = VisualTokens(layer_space=CLIP_L, x=torch.cat([cls_x, base.x], 1), index=torch.cat([torch.full((2, 1), CLS_INDEX), base.index], 1),
+    t = VisualTokens(x=torch.cat([cls_x, base.x], 1), index=torch.cat([torch.full((2, 1), CLS_INDEX), base.index], 1),
                      signals={k: {22: torch.cat([torch.zeros(2, 1, *v[22].shape[2:], dtype=v[22].dtype), v[22]], 1)}
-                              for k, v in base.signals.items()}, layout=base.layout)
+                              for k, v in base.signals.items()}, layout=base.layout, layer_space=CLIP_L)
     op = vtc.create("visionzip", dominant=6, contextual=4)
     assert op.wants_cls_token
     out = op(t)

@@ -45,7 +45,8 @@ from typing import Any
 from vtc.errors import ConfigError
 
 __all__ = ["VisionShape", "LMShape", "ModelShape", "vision_shape", "lm_shape", "vision_flops", "projector_flops",
-           "prefill_flops", "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "tap_flops", "estimate", "OP_FLOPS",
+           "prefill_flops", "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "tap_flops",
+           "estimate", "OP_FLOPS",
            "register_op_flops", "layer_visual_counts", "equivalent_tokens"]
 
 

@@ -42,7 +42,8 @@ def partition_pixels(pixel_values: Tensor, parts: Sequence[int], family: str) ->
     partitions, 3, H, W]`` (padded; image ``i`` uses its first ``parts[i]``) or already 4-D."""
     if pixel_values.dim() == 5:
         dev = pixel_values.device
-        keep = torch.arange(pixel_values.shape[1], device=dev).unsqueeze(0) < torch.tensor(parts, device=dev).unsqueeze(1)
+        counts = torch.tensor(list(parts), device=dev).unsqueeze(1)
+        keep = torch.arange(pixel_values.shape[1], device=dev).unsqueeze(0) < counts
         pixel_values = pixel_values[keep]
     elif pixel_values.dim() != 4:
         raise InputError(f"{family} pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")

@@ -20,9 +20,10 @@ the features) is merged in lockstep by the same rule, so each step matches on me
 Schedule: ``r=[...]`` merges per step; ``keep=``/``ratio=`` merge up to half the tokens per step
 until the budget is met; with neither, AIM's LLaVA-1.5 schedule ``r = [n//2, n//16]`` of the
 ``n`` input tokens (576 -> 288 -> 252, 43.75% kept). ``size`` always counts the patches a token
-stands for. Default ``layer="last"``: AIM's image model reads the layer-23 keys (CLIP-L's last
-layer, whose output LLaVA does not use) with all heads concatenated (1024-d); vtc's ``keys`` signal is the head-mean key, so
-``metric="keys"`` matches on a different (64-d) vector: the nearest vtc equivalent.
+stands for. Default ``layer="last"``: AIM's image model reads the layer-23 keys (CLIP-L's
+last layer, whose output LLaVA does not use) with all heads concatenated (1024-d); vtc's ``keys``
+signal is the head-mean key, so ``metric="keys"`` matches on a different (64-d) vector: the nearest
+vtc equivalent.
 
 ``aim`` (stage ``llm_layer``): after each layer ``l >= start``, visual tokens are ranked by PageRank
 on that layer's attention: ``M = softmax(q kᵀ·scale / 0.1)`` (float32, causal and padding masked),

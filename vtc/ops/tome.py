@@ -19,8 +19,9 @@ each one contains, and that index becomes the token's ``index`` (in official ord
 ``index`` is its destination's, ToMe's representative). ``protect_cls=True`` keeps the first token (a CLS token) from ever being merged
 away. ``metric``: ``"auto"`` (keys if recorded, else features), ``"keys"`` (required; the tap records
 them at ``layer``, default ``"feature"``: the layer whose output the model uses) or ``"x"``; under
-``"auto"`` with no ``layer`` the keys of the highest recorded layer are used. Merged ``keys`` follow the size-weighted mean, so later steps match
-on the merged metric (as AIM does for merging outside a ViT).
+``"auto"`` with no ``layer`` the keys of the highest recorded layer are used. Merged ``keys``
+follow the size-weighted mean, so later steps match on the merged metric (as AIM does for merging
+outside a ViT).
 
 Precision and ties: each step scores in the metric's dtype in ToMe's order of operations
 (``m / ||m||``, ``A @ Bᵀ``, row max, ``argsort(descending=True)``); in ``compat="official"`` the

@@ -75,7 +75,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             raise InputError("LLaVA-OneVision needs image_sizes (the processor returns them) to lay out its crops")
         sizes = list(torch.as_tensor(sizes))
         per_prompt = kw.get("batch_num_images")
-        patched = [True] * len(sizes) if per_prompt is None else [int(n) == 1 for n in per_prompt for _ in range(int(n))]
+        patched = ([True] * len(sizes) if per_prompt is None
+                   else [int(n) == 1 for n in per_prompt for _ in range(int(n))])
         if len(patched) != len(sizes):
             raise InputError(f"batch_num_images {list(map(int, per_prompt))} describe {len(patched)} images but "
                              f"image_sizes has {len(sizes)}")
