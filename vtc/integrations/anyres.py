@@ -18,7 +18,10 @@ column (a 4x400 photo) gets a newline on each of those rows, as stock emits them
 laid out, unpadded and its tokens placed under the pipeline's :class:`~vtc.geometry.CropRules`
 (``rules=``; stock transformers' by default). Tokens a pooling operator averaged to a regular lattice
 (``Layout.pooled``, e.g. M3's ``avg_pool2d`` with kernel ``s``) are laid out on the pooled
-``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. Pure torch.
+``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. A crop's CLS
+token (``index`` -1, handed to VisionZip official: :mod:`vtc.integrations.cls_token`) has no cell:
+the crops' CLS tokens come after the crop grid and its newlines, in crop order, as VisionZip's
+official LLaVA-NeXT code appends them. Pure torch.
 """
 
 from __future__ import annotations
@@ -28,13 +31,32 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vtc.errors import ConfigError, LayoutError
+from vtc.errors import ConfigError, InputError, LayoutError
 from vtc.geometry import STOCK, AnyResGrid, CropRules, Layout, cached, cached_table, crop_cells, to_device
 from vtc.tokens import VisualTokens
 
-__all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
+__all__ = ["NEWLINE_POLICIES", "partition_pixels", "group_partitions", "assemble"]
 
 NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
+
+
+def partition_pixels(pixel_values: Tensor, parts: Sequence[int], family: str) -> Tensor:
+    """The ``[sum(parts), 3, H, W]`` tower inputs of a processor's ``pixel_values``: ``[images, max
+    partitions, 3, H, W]`` (padded; image ``i`` uses its first ``parts[i]``) or already 4-D. The rows
+    are taken by a table cached per ``parts`` (no boolean indexing, no host sync)."""
+    if pixel_values.dim() == 5:
+        most = pixel_values.shape[1]
+        if any(p > most for p in parts) or pixel_values.shape[0] != len(parts):
+            raise InputError(f"pixel_values hold {pixel_values.shape[0]} images of {most} crops but the images need "
+                             f"{list(parts)}")
+        rows = cached_table(("pixel-rows", tuple(parts), most), pixel_values.device,
+                            lambda: [i * most + p for i, n in enumerate(parts) for p in range(n)])
+        pixel_values = pixel_values.flatten(0, 1)[rows]
+    elif pixel_values.dim() != 4:
+        raise InputError(f"{family} pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] != sum(parts):
+        raise InputError(f"pixel_values hold {pixel_values.shape[0]} crops but the images need {sum(parts)}")
+    return pixel_values
 
 
 def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence[Layout]) -> VisualTokens:
@@ -85,7 +107,7 @@ def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence
 
 
 def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows", unpad: bool = True,
-             rules: CropRules = STOCK, exact: bool = True) -> VisualTokens:
+             rules: CropRules = STOCK, exact: bool = True, cls: bool | None = None) -> VisualTokens:
     """LLaVA-NeXT's sequence for every image in ``tokens`` (see the module docstring).
 
     ``tokens`` hold per-image partitions (``group``, ``index``, one AnyRes ``layout`` per image);
@@ -94,7 +116,8 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
     row`` (beyond every patch index), ``size`` 1, zero signals and the ``group`` of the crop that
     ends its row. ``exact``: as wide as the longest image (no mask when all are equal; one host
     sync); ``exact=False``: a width known on the host and always a mask, no host sync (for the end
-    of a pipeline, where the compaction reads the counts anyway).
+    of a pipeline, where the compaction reads the counts anyway). ``cls``: whether the tokens may
+    hold CLS tokens (None: find out, a host sync).
     """
     if policy not in NEWLINE_POLICIES:
         raise ConfigError(f"newline policy must be one of {NEWLINE_POLICIES}, got {policy!r}")
@@ -107,6 +130,11 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         raise LayoutError(f"newline policy {policy!r} needs the model's image_newline vector")
     B, N = tokens.x.shape[:2]
     dev = tokens.device
+    # CLS tokens (index -1, VisionZip official) have no cell: the base's stays with the base tokens,
+    # the crops' come after the grid
+    is_cls = tokens.valid & (tokens.index < 0) if cls or cls is None else None
+    if cls is None and not bool(is_cls.any()):
+        is_cls = None
     cells = crop_cells(tokens, unpad, rules)  # each token's cell on the (possibly pooled) crop grid
     group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
     tw, eh = cells.tw, cells.eh
@@ -118,6 +146,11 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
     pos = torch.arange(N, device=dev).expand(B, N)
     big = torch.full_like(pos, -1)
     tok_key = torch.where(cells.base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
+    if is_cls is not None:
+        after_grid = N + H * (Wb + 1) + pos  # beyond every grid and newline key
+        base = (cells.base & ~is_cls) | (is_cls & (group == 0))
+        tok_key = torch.where(base, pos, torch.where(inside & ~is_cls, N + R * (Wb + 1) + C,
+                                                     torch.where(is_cls, after_grid, big)))
     # newline entries, one candidate per big-grid row
     rows = torch.arange(H, device=dev).expand(B, H)
     unpadded = (rows >= r0) & (rows < r1)

@@ -10,7 +10,9 @@ operators the kept tokens are assembled into LLaVA-NeXT's sequence (base, unpadd
 ``image_newline`` per row; :func:`vtc.integrations.anyres.assemble`), before the first llm-stage
 operator that works on the assembled sequence or at the end (``llm_view=``). The unpad and the crop
 layout follow the crop rules the pipeline's operators declare (``unpad_rounding=``; see
-:mod:`vtc.integrations.options`). Geometry: :mod:`vtc.geometry`; options:
+:mod:`vtc.integrations.options`). An operator that keeps the tower's CLS token (VisionZip official)
+gets each partition's as the partition's first token (:mod:`vtc.integrations.cls_token`); the
+assembly puts the crops' CLS tokens after the crop grid. Geometry: :mod:`vtc.geometry`; options:
 :mod:`vtc.integrations.options`.
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from vtc.errors import InputError, UnsupportedModelError
 from vtc.geometry import Layout, cached_table, stock_length, unpadded_positions
-from vtc.integrations import anyres
+from vtc.integrations import anyres, cls_token
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded
 from vtc.integrations.adapters.llava import LlavaAdapter
@@ -65,20 +67,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, kw: dict[str, Any]) -> Encoded:
         h, w = self.grid
         sizes, parts, layouts = self.layouts(kw.get("image_sizes"))
-        pixel_values = kw["pixel_values"]
-        if pixel_values.dim() == 5:  # [images, most partitions, ...]: each image's own partitions
-            most = pixel_values.shape[1]
-            if any(p > most for p in parts):
-                raise InputError(f"pixel_values hold {most} crops per image but image_sizes {sizes} need {max(parts)}")
-            rows = cached_table(("partition-rows", tuple(parts), most), pixel_values.device,
-                                lambda: [i * most + p for i, n in enumerate(parts) for p in range(n)])
-            pixel_values = pixel_values.flatten(0, 1)[rows]
-        elif pixel_values.dim() != 4:
-            raise InputError(f"LLaVA-NeXT pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] != sum(parts):
-            raise InputError(
-                f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes {sizes} need {sum(parts)}")
-        feats = self.features(pixel_values, kw)
+        pixel_values = anyres.partition_pixels(kw["pixel_values"], parts, "LLaVA-NeXT")
+        feats, cls = self.features(pixel_values, kw)
         if feats.shape[1] != h * w:
             raise UnsupportedModelError(
                 f"LLaVA-NeXT crops give {feats.shape[1]} feature tokens, not the {h}x{w} patch grid; vtc needs "
@@ -87,17 +77,23 @@ class LlavaNextAdapter(LlavaAdapter):
         projected = not self.has_vision_ops
         if projected:  # project exactly as stock does, partition by partition
             flat = flat.replace(x=self.projector(flat.x))
+            cls = None if cls is None else self.projector(cls)
         tokens = anyres.group_partitions(flat, parts, layouts)
         if self.drop_padding:  # what the unpad removes, by a table cached per batch of layouts
             pos, valid, some = unpadded_positions(layouts, self.rules, tokens.device)
             with inputs_checked():
                 tokens = tokens.gather(pos, valid, some_invalid=some)
+        if cls is not None:  # [partition rows, D] -> [images, partitions, D]
+            rows = cached_table(("partition-rows", tuple(parts)), cls.device, lambda: [
+                [min(sum(parts[:i]) + p, len(cls) - 1) for p in range(max(parts))] for i in range(len(parts))])
+            tokens = cls_token.insert(tokens, cls[rows], parts)
         newline = self.inner.image_newline
 
         exact = self.assemble_at < len(self.pipeline)  # operators follow: no padding unless needed
 
         def assemble(t: VisualTokens) -> VisualTokens:
-            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad, self.rules, exact)
+            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad, self.rules, exact,
+                                   cls=self.cls_token)
 
         out = self.run_pipeline(tokens, self.projector, projected=projected, out_dim=self.text_width,
                                 assemble=assemble, assemble_at=self.assemble_at)
