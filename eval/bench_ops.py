@@ -150,11 +150,22 @@ REFS = {"divprune": ref_divprune, "vtc-cls": ref_vtc_cls, "random": ref_random, 
 
 
 # ---------------------------------------------------------------------- workloads
+def clip_l():
+    """CLIP-L/336's layers as LLaVA reads them (24 layers, features from 22), where this vtc knows layer
+    spaces: operators' tower-relative default layers (``"feature"``, ``"last"``) resolve against it."""
+    try:
+        from vtc.taps.layers import LayerSpace
+    except ImportError:  # a revision before layer spaces: layers are numbers
+        return None
+    return LayerSpace(24, 22)
+
+
 def make_signals(requires: dict, B: int, N: int, g: torch.Generator) -> dict:
+    space = clip_l()
     signals: dict = {}
     for name, layers in requires.items():
         per = {}
-        for layer in layers:
+        for layer in (layers if space is None else space.resolve_all(layers)):
             if name in ("cls_attn", "attn_received"):
                 per[layer] = torch.randn(B, N, generator=g).softmax(-1)
             elif name == "keys":
@@ -165,11 +176,16 @@ def make_signals(requires: dict, B: int, N: int, g: torch.Generator) -> dict:
     return signals
 
 
+def _space() -> dict:
+    space = clip_l()
+    return {} if space is None else {"layer_space": space}
+
+
 def llava_tokens(vtc, requires, batch, side, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = side * side
     return vtc.VisualTokens(x=torch.randn(batch, n, dim, generator=g), signals=make_signals(requires, batch, n, g),
-                            layout=vtc.Layout.grid(side))
+                            layout=vtc.Layout.grid(side), **_space())
 
 
 SIZES = [(336, 672), (672, 336), (672, 672), (500, 640), (640, 480), (1000, 800), (300, 700), (672, 600)]
@@ -182,7 +198,7 @@ def anyres_tokens(vtc, requires, batch, side, dim, seed=0):
     lays = [vtc.Layout.for_anyres(side, (2, 2), image_size=SIZES[b % len(SIZES)]) for b in range(batch)]
     group = (torch.arange(P * n) // n).expand(batch, -1)
     return vtc.VisualTokens(x=torch.randn(batch, P * n, dim, generator=g), group=group, layout=lays,
-                            signals=make_signals(requires, batch, P * n, g))
+                            signals=make_signals(requires, batch, P * n, g), **_space())
 
 
 def build_op(vtc, name: str, keep: int, dim: int):
