@@ -174,3 +174,22 @@ def test_crop_cells_follow_the_rules(case, rules):
     dropped = drop_padding(t, rules)
     pos_t, valid, _ = unpadded_positions([lay], rules, t.device)
     assert pos_t[0, valid[0]].tolist() == dropped.index[0, : int(dropped.counts[0])].tolist()
+
+
+def test_the_geometry_cache_keeps_the_recently_used_within_its_budget(monkeypatch):
+    import vtc.geometry as geometry
+
+    monkeypatch.setattr(geometry, "_CACHE", {})
+    monkeypatch.setattr(geometry, "_CACHE_BYTES", [0])
+    monkeypatch.setattr(geometry, "CACHE_BYTES", 3 * 4000)
+    cpu = torch.device("cpu")
+    made = []
+
+    def build(i):
+        made.append(i)
+        return torch.zeros(1000)  # 4000 bytes
+
+    for i in (0, 1, 2, 0, 3):  # 0 is used again before 3 comes: 1 is the least recently used
+        geometry.cached(("t", i), cpu, lambda i=i: build(i))
+    assert made == [0, 1, 2, 3] and [k[0][1] for k in geometry._CACHE] == [2, 0, 3]
+    assert geometry._CACHE_BYTES[0] == 3 * 4000

@@ -345,21 +345,36 @@ def _anyres_layouts(tokens: VisualTokens, what: str) -> list[Layout]:
     return layouts
 
 
-_CACHE: dict[Any, Any] = {}
+_CACHE: dict[Any, tuple[Any, int]] = {}
+_CACHE_BYTES = [0]
+#: what the geometry cache may hold: entries and bytes of device memory (least recently used go first)
+CACHE_ENTRIES, CACHE_BYTES = 512, 64 << 20
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def cached(key: Any, device: torch.device, build: Callable[[], Any]) -> Any:
-    """``build()`` (tensors on ``device``) computed once per ``(key, device)`` and kept (a few hundred
-    entries at most), so geometry tables cost no Python loop over images, no host-to-device copy and
-    no op after the first call. What it returns is shared: never modify it in place."""
+    """``build()`` (tensors on ``device``) computed once per ``(key, device)`` and kept (least recently
+    used first out, within :data:`CACHE_ENTRIES` and :data:`CACHE_BYTES`), so geometry tables cost no
+    Python loop over images, no host-to-device copy and no op after the first call. What it returns
+    is shared: never modify it in place."""
     full = (key, device)
-    hit = _CACHE.get(full)
+    hit = _CACHE.pop(full, None)
     if hit is None:
-        if len(_CACHE) > 1024:
-            _CACHE.clear()
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable under autograd later
-            hit = _CACHE[full] = build()
-    return hit
+            value = build()
+        hit = (value, _nbytes(value))
+        _CACHE_BYTES[0] += hit[1]
+        while _CACHE and (len(_CACHE) >= CACHE_ENTRIES or _CACHE_BYTES[0] > CACHE_BYTES):
+            _CACHE_BYTES[0] -= _CACHE.pop(next(iter(_CACHE)))[1]
+    _CACHE[full] = hit
+    return hit[0]
 
 
 def cached_table(key: Any, device: torch.device, build: Callable[[], Any], dtype: torch.dtype = torch.long) -> Tensor:
