@@ -30,6 +30,7 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     class_names = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
+    supports_llm_layer = True
 
     @property
     def grid(self) -> tuple[int, int]:
