@@ -290,3 +290,25 @@ def test_refusals_and_removal(models, photos, qwen_images):
             llava.generate(**batch, max_new_tokens=2, cache_implementation="static")
     assert attn.__dict__ == before and attn.config is llava.config.text_config
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in layers)
+
+
+@torch.no_grad()
+def test_right_padding_labels_and_logits_on_the_compacted_positions(models, photos):
+    """A right-padded forward (scoring) prunes per row as each prompt alone does; the logits come back
+    on the positions the language model received (handle.last.positions), so labels still line up."""
+    model, proc = models["llava"]
+    proc.tokenizer.padding_side = "right"
+    try:
+        batch, alone = _inputs("llava", proc, None, 3, photos)
+    finally:
+        proc.tokenizer.padding_side = "left"
+    mask = batch["attention_mask"]
+    assert not bool(mask[:, -1].all())  # right padded
+    with vtc.apply(model, "pdrop") as h:
+        out = model(**batch, labels=batch["input_ids"])
+        assert out.logits.shape[:2] == h.last.positions.shape and torch.isfinite(out.loss)
+        visual, last = h.last.extra["layer_visual"], mask.sum(1) - 1
+        for b, one in enumerate(alone):
+            mine = model(**one).logits[0, -1]
+            assert h.last.extra["layer_visual"][0] == visual[b]
+            torch.testing.assert_close(out.logits[b, last[b]], mine, rtol=1e-5, atol=1e-5)
