@@ -33,68 +33,26 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ops import build, timer  # noqa: E402  (eval/gpu/ops.py: the same 7B-shaped model and prompt)
 
 import vtc  # noqa: E402
 from vtc.bench.flops import layer_visual_counts  # noqa: E402
-from vtc.models.random import TinySpec, random_llava  # noqa: E402
 
-WORDS = ("user : describe the picture . what is the color of the large object in the image and how many small "
-         "objects are there ? is there a red circle above the blue square on the left ? answer with a single "
-         "word or two . assistant :").split()
 METHODS = ("fastv:K=2,R=0.5", "fastv:K=2,R=0.75", "pdrop")
 FULL_DEPTH = 32
 
 
-def timer(device: torch.device):
-    """``measure(fn, warmup, repeats) -> median ms`` with CUDA events on a GPU, wall clock on a CPU."""
-    def measure(fn, warmup: int = 2, repeats: int = 7) -> float:
-        for _ in range(warmup):
-            fn()
-        out = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                out.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(out)
-    return measure
-
-
-def build(args, device: torch.device, dtype: torch.dtype):
-    if args.smoke:
-        spec = TinySpec(text_layers=args.layers, seed=0)
-    else:
-        spec = TinySpec(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
-                        text_hidden=4096, text_layers=args.layers, text_heads=32, text_kv_heads=32,
-                        text_intermediate=11008, seed=0)
-    with torch.device(device):
-        model, proc = random_llava(spec)
-    return model.to(device=device, dtype=dtype).eval(), proc, spec
-
-
-def inputs_for(proc, spec, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8) for _ in range(batch)]
-    text = " ".join(WORDS[:WORDS.index(":") + 1] + ["<image>"] + WORDS[WORDS.index(":") + 1:])
-    inputs = proc(images=images, text=[text] * batch, return_tensors="pt")
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+def first(inputs: dict, batch: int) -> dict:
+    """The first ``batch`` samples of a batch of identical prompts and images."""
+    return {k: v[:batch] for k, v in inputs.items()}
 
 
 def layer_times(model, batch: int, lengths: set[int], measure, device, dtype) -> dict[int, float]:
@@ -109,8 +67,8 @@ def layer_times(model, batch: int, lengths: set[int], measure, device, dtype) ->
     return out
 
 
-def run_batch(model, proc, spec, batch: int, measure, device, dtype) -> dict:
-    inputs = inputs_for(proc, spec, batch, device, dtype)
+def run_batch(model, inputs: dict, batch: int, measure, device, dtype) -> dict:
+    inputs = first(inputs, batch)
     ids = inputs["input_ids"]
     visual = int((ids[0] == model.config.image_token_id).sum())
     text = ids.shape[1] - visual
@@ -166,14 +124,15 @@ def main(argv: list[str] | None = None) -> None:
         args.layers, batches = min(args.layers, 4), [min(b, 2) for b in batches]
     import transformers
 
-    model, proc, spec = build(args, device, dtype)
+    args.batch = max(batches)
+    model, _, inputs = build(args, device, dtype)
     res: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                  "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
                  "attention": model.config.text_config._attn_implementation, "layers_built": args.layers,
                  "layers_full": FULL_DEPTH, "smoke": args.smoke, "methods": list(METHODS), "results": []}
     measure = timer(device)
     for b in batches:
-        res["results"].append(run_batch(model, proc, spec, b, measure, device, dtype))
+        res["results"].append(run_batch(model, inputs, b, measure, device, dtype))
         Path(args.out).write_text(json.dumps(res, indent=1))  # what finished survives a timeout
     for r in res["results"]:
         print(f"batch {r['batch']}: stock {r['stock_ms']:.1f} ms ({r['visual']} visual + {r['text']} text tokens)")
