@@ -215,6 +215,7 @@ class _CacheLayout:
     valid: list[Tensor]  # per segment: [B, P_s] the compacted prompt mask of its layers' caches
     shift: list[Tensor]  # per segment: [B] position shift of new tokens
     segment: list[int]  # per layer: its segment
+    shifted: list[bool] = field(default_factory=list)  # per segment: any shift (read once, not per step)
 
 
 @dataclass
@@ -240,6 +241,7 @@ class _Prefill:
 class _Decode:
     layout: _CacheLayout
     mask: Tensor | None  # [B, P0 + new + q] the 2-D mask the model got (None: all ones)
+    made: dict[Any, Any] = field(default_factory=dict)  # per (segment, mask kind): what this step built
 
 
 # ---------------------------------------------------------------------------------------- the stage
@@ -258,11 +260,19 @@ class LayerStage:
                     f"{type(adapter.model).__name__} does not support (position ids: {adapter.position_modes}); "
                     f"configure it with position_ids={adapter.position_modes[0]!r}")
         self.config = adapter.language_model.config
+        from transformers import masking_utils
+
+        if "layer_idx" not in _params(masking_utils.create_causal_mask):
+            import transformers
+
+            raise UnsupportedModelError(
+                f"in-LLM operators size each decoder layer's mask by its own KV cache (create_causal_mask(layer_idx=)), "
+                f"which transformers {transformers.__version__} lacks; use transformers 5.24 or later")
         self.needs_embeds = any(op.needs_embeds for op in self.ops)
         self.run: _Prefill | None = None
         self.decoding: _Decode | None = None
         self.layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.last: _Prefill | None = None
+        self.last: dict[str, Any] | None = None  # the last prefill's _summary
         _register()
         self.recorders: dict[int, _Recorder] = {}
         for layer, ops in self.schedule.items():
@@ -299,21 +309,31 @@ class LayerStage:
             rec.armed = True
         try:
             yield
-            self.last = self.run
+            self.last = self._summary(self.run)
         finally:
             for rec in self.recorders.values():
                 rec.armed = False
                 rec.take()
             self.run = None
 
+    @staticmethod
+    def _summary(run: _Prefill) -> dict[str, Any]:
+        """What outlives a prefill: its report and, if it dropped tokens, the decoding layout."""
+        out: dict[str, Any] = {}
+        if run.layer_visual:
+            out["report"] = {"layer_visual": torch.stack(run.layer_visual, 1).tolist(), "layer_kept": dict(run.kept)}
+        if len(run.segments) > 1:
+            out["layout"] = _CacheLayout(
+                prompt0=run.segments[0].length, valid=[s.valid[:, : s.prompt] for s in run.segments],
+                shift=[s.shift for s in run.segments], segment=list(run.segment_of),
+                shifted=[bool((s.shift != 0).any()) for s in run.segments])
+        return out
+
     def remember(self, cache: Any) -> None:
         """Keep what decoding over ``cache`` (filled by the last prefill) needs."""
-        run = self.last
-        if cache is None or run is None or len(run.segments) <= 1:
-            return
-        self.layouts[cache] = _CacheLayout(
-            prompt0=run.segments[0].length, valid=[s.valid[:, : s.prompt] for s in run.segments],
-            shift=[s.shift for s in run.segments], segment=list(run.segment_of))
+        layout = (self.last or {}).get("layout")
+        if cache is not None and layout is not None:
+            self.layouts[cache] = layout
 
     @contextlib.contextmanager
     def decode(self, cache: Any, mask: Tensor | None) -> Iterator[None]:
@@ -332,11 +352,7 @@ class LayerStage:
         """The last prefill's per-layer facts for ``handle.last.extra``: ``layer_visual`` (per row, the
         visual tokens each decoder layer processed) and ``layer_kept`` (per scheduled layer, per row,
         the ``index`` of the visual tokens alive after it, in sequence order)."""
-        run = self.last
-        if run is None or not run.layer_visual:
-            return {}
-        counts = torch.stack(run.layer_visual, 1).tolist()
-        return {"layer_visual": counts, "layer_kept": dict(run.kept)}
+        return dict((self.last or {}).get("report", {}))
 
     # ------------------------------------------------------------------ family hooks
     def follow(self, mask0: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -489,7 +505,8 @@ class LayerStage:
                     k = _take(k.transpose(1, 2), local.clamp_min(0)).transpose(1, 2)
             added = added or adds
             run.segments.append(seg)
-        run.kept[layer] = [seg.index[b][seg.visual[b]].cpu() for b in range(seg.valid.shape[0])]
+        index, visual = seg.index.cpu(), seg.visual.cpu()  # one copy, not one per row
+        run.kept[layer] = [index[b][visual[b]] for b in range(index.shape[0])]
         return out_hidden
 
     def _apply(self, seg: _Segment, hidden: Tensor, keep: Tensor, update: LayerUpdate | None,
@@ -587,16 +604,21 @@ class LayerStage:
             tail = dec.mask[:, lay.prompt0:].to(hidden.device)
         else:
             tail = torch.ones(B, new + q, dtype=torch.long, device=hidden.device)
-        mask2d = torch.cat([lay.valid[s].to(hidden.device, tail.dtype), tail], 1)
         kw = dict(kwargs)
-        kw["attention_mask"] = self._mask(layer, hidden, mask2d, cache)
-        shift = lay.shift[s]
-        if bool((shift != 0).any()):
-            ids = kwargs.get("position_ids")
-            if ids is None:
-                ids = (torch.arange(q, device=hidden.device) + lay.prompt0 + new).unsqueeze(0)  # the model's default
-            ids = ids.expand(B, q) - shift.to(ids.device).unsqueeze(1)
-            kw["position_embeddings"] = self.adapter.position_embeddings(hidden, ids)
+        kind = (s, self._mask_kind(layer))
+        if kind not in dec.made:  # the layers of one segment hold equal cache lengths
+            mask2d = torch.cat([lay.valid[s].to(hidden.device, tail.dtype), tail], 1)
+            dec.made[kind] = self._mask(layer, hidden, mask2d, cache)
+        kw["attention_mask"] = dec.made[kind]
+        if lay.shifted[s]:
+            shift = lay.shift[s]
+            if s not in dec.made:
+                ids = kwargs.get("position_ids")
+                if ids is None:
+                    ids = (torch.arange(q, device=hidden.device) + lay.prompt0 + new).unsqueeze(0)  # the model's default
+                ids = ids.expand(B, q) - shift.to(ids.device).unsqueeze(1)
+                dec.made[s] = ids, self.adapter.position_embeddings(hidden, ids)
+            ids, kw["position_embeddings"] = dec.made[s]
             if "position_ids" in kw:
                 kw["position_ids"] = ids
         return args, kw
