@@ -10,7 +10,9 @@ position ids; the language model, its masks, cache and loss are stock. Decoding 
 continue a compacted KV cache (``generate()``'s later steps, or a user's loop) get their attention
 mask mapped onto the cache and their position ids from the adapter, so ``generate()`` returns what
 stock returns: the original prompt ids followed by the new tokens. A forward's logits are over the
-compacted sequence; ``handle.last.positions`` maps them back. The wrapper's signature hides
+compacted sequence; ``handle.last.positions`` maps them back. A pipeline with ``llm_layer``
+operators also gets a :class:`~vtc.integrations.llm_layer.LayerStage` (hooks inside the decoder),
+told of every prefill (with how many leading columns are the prompt) and decoding step. The wrapper's signature hides
 ``mm_encoder_outputs``, so ``generate()`` does not pre-encode images with the stock
 ``get_image_features`` but hands ``pixel_values`` to the wrapped forward; pre-encoded image
 features reaching the wrapper raise an error instead of going uncompressed. Releases that still
