@@ -134,6 +134,11 @@ def test_kept_tokens_equal_a_full_eager_attention_reference(models, photos, qwen
         if method == "sparsevlm":
             rules = dict.fromkeys((0, 1, 2), sparsevlm_rule([0, 1, 2], [40, 20, 9], seen["inputs_embeds"][0]))
         alive, logits = run(ref_model, seen, image, rules, policy)
+        if method == "fastv":  # the walk's first decision is the one HF's own output_attentions gives
+            att = ref_model(**one, output_attentions=True).attentions[1][0, :, -1].mean(0)  # layer K-1 = 1
+            vis = torch.nonzero(image).flatten().tolist()
+            top = sorted(sorted(range(len(vis)), key=lambda j: (-float(att[vis[j]]), j))[: len(vis) // 2])
+            assert alive[1] == top
         for layer in sorted(kept):
             assert kept[layer][b].tolist() == alive[layer], (b, layer)
         assert h.last.extra["layer_visual"][b][1:] == [len(a) for a in alive[:-1]]
