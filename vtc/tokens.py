@@ -247,13 +247,13 @@ class VisualTokens:
             else:
                 layers = []
                 for l in signals.get(name, ()):
+                    found = [l]
                     if l not in per_layer and self.layer_space is not None:
                         try:
-                            l = self.layer_space.resolve(l, where="validation")
+                            found = self.layer_space.expand(l, where="validation")  # a span names several
                         except Exception:  # noqa: BLE001 - an unknown layer is reported by signal()
                             continue
-                    if l in per_layer and l not in layers:
-                        layers.append(l)
+                    layers.extend(f for f in found if f in per_layer and f not in layers)
             out.extend((name, l, per_layer[l]) for l in layers)
         return out
 

@@ -121,7 +121,8 @@ def test_fastv_formula_and_kv_cache_by_hand():
 
 
 def test_estimate_with_a_pipeline():
-    v = F.VisionShape(layers=24, hidden=1024, intermediate=4096, image_size=336, patch_size=14)
+    v = F.VisionShape(layers=24, hidden=1024, intermediate=4096, image_size=336, patch_size=14, heads=16,
+                      feature_layer=22)
     lm = F.LMShape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000)
     shape = F.ModelShape(vision=v, projector=((1024, 4096), (4096, 4096)), lm=lm)
     base = F.estimate(shape, text_tokens=55, kept_tokens=576, new_tokens=4)
@@ -133,12 +134,16 @@ def test_estimate_with_a_pipeline():
     assert pruned["ops"] == 2 * 576 * 576 * 4096 + 2 * 576 * 4096
     assert pruned["prefill"] == F.prefill_flops(lm, 55 + 64, 1) < base["prefill"]
     assert pruned["projector"] == base["projector"]  # an llm-stage op runs after the projector
-    # a vision-stage op shrinks what the projector sees and adds its taps' CLS-row products
+    # a vision-stage op shrinks what the projector sees and adds its taps' CLS-row products: layers 16..22,
+    # each one [577, 1024] x [1024, 16] product (the 16 heads' queries in one block-diagonal matrix)
     cls = vtc.build("vtc-cls:keep=64")
     early = F.estimate(shape, text_tokens=55, kept_tokens=64, new_tokens=4, pipeline=cls)
     assert early["projector"] == 2 * 64 * (1024 * 4096 + 4096 * 4096)
-    layers = len(cls.requires["cls_attn"])
-    assert early["ops"] == 2 * layers * 577 * 1024 + 576 * layers
+    assert early["ops"] == 7 * 2 * 577 * 1024 * 16 + 576 * len(cls.requires["cls_attn"])
+    with pytest.raises(vtc.errors.ConfigError, match="feature"):  # a shape that does not know its feature layer
+        F.estimate(F.ModelShape(vision=F.VisionShape(**{**v.__dict__, "feature_layer": None}),
+                                projector=shape.projector, lm=lm), text_tokens=55, kept_tokens=64, new_tokens=4,
+                   pipeline=cls)
 
 
 def test_operator_may_report_its_own_flops():

@@ -1,9 +1,11 @@
 """End to end, for every registered operator: processor -> model -> vtc.apply -> generate on a real photo.
 
 The operator list comes from ``vtc.list_ops()``, so operators added later are covered; ``SKIP``
-names the ones that do not fit a model, with the reason. Models have a 24-layer tower so every
-operator's default signal layers (0, 16..22, 23) exist, and a 12x12 patch grid (8-px patches) to
-stay cheap; operators that take a budget get ``keep=36`` (a 6x6 grid for the pooling ones).
+names the ones that do not fit a model, with the reason. Models have the random models' 4-layer
+tower (features from layer 2), so every operator runs with its tower-relative default layers
+(vtc-cls 0..2, hired 0 and 2, globalcom2 and aim_merge 3, visionzip 2 with the CLS token,
+hiprune 1 and 2), and a 12x12 patch grid (8-px patches) to stay cheap; operators that take a
+budget get ``keep=36`` (a 6x6 grid for the pooling ones).
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ from vtc.registry import get_op
 #: (operator, model kind or "*") -> why it is not run end to end
 SKIP: dict[tuple[str, str], str] = {
     ("mqt", "llava_next"): "MQT-LLaVA is a LLaVA-1.5 method (one partition); see test_mqt_refuses_anyres_crops",
-    ("hiprune", "*"): "reads attn_received, which the taps do not record yet",
 }
 #: operator arguments used here besides the budget: name -> kwargs
 ARGS: dict[str, dict] = {
-    "visionzip": {"compat": "clean"},  # official adds the tower's CLS token, which the integration does not hand in yet
     # in-LLM operators on the models' 2-layer decoders
     "fastv": {"K": 1},
     "pdrop": {"layers": [0, 1], "ratios": [0.5, 0.25]},
@@ -39,7 +39,7 @@ BUDGET = 36
 def models():
     from vtc.models.random import random_llava, random_llava_next
 
-    spec = dict(vision_layers=24, patch_size=8)
+    spec = dict(patch_size=8)
     return {"llava": random_llava(**spec), "llava_next": random_llava_next(**spec)}
 
 

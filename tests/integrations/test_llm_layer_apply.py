@@ -317,3 +317,25 @@ def test_right_padding_labels_and_logits_on_the_compacted_positions(models, phot
             mine = model(**one).logits[0, -1]
             assert h.last.extra["layer_visual"][0] == visual[b]
             torch.testing.assert_close(out.logits[b, last[b]], mine, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_llava_onevision_batch_cache_and_no_op(photos):
+    """LLaVA-OneVision (a Qwen2 decoder after a SigLIP tower, packed AnyRes grids) runs in-LLM operators
+    like LLaVA-NeXT: keep-all is stock, a batch equals each sample alone, cached equals uncached."""
+    from vtc.models.random import random_llava_onevision
+
+    model, proc = random_llava_onevision(text_layers=4, patch_size=8)
+    batch, alone = _inputs("llava_onevision", proc, None, 2, photos)
+    L = batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False)
+    ref = model.generate(**batch, **kw)
+    with vtc.apply(model, "fastv:R=0"):
+        assert torch.equal(model.generate(**batch, **kw), ref)
+    with vtc.apply(model, "pdrop") as h:
+        gen = model.generate(**batch, **kw)
+        n = h.last.counts
+        assert h.last.extra["layer_visual"] == [[c, c, c // 2, c // 4] for c in n] and n[0] != n[1]
+        assert torch.equal(gen, model.generate(**batch, **kw, use_cache=False))
+        for b, one in enumerate(alone):
+            assert torch.equal(gen[b, L:], model.generate(**one, **kw)[0, one["input_ids"].shape[1]:])

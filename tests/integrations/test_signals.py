@@ -21,7 +21,7 @@ import vtc
 class _Tap:
     """Like vtc.taps.Tap: hooks record every forward until remove() (leaving ``with tap:`` removes too)."""
 
-    def __init__(self, tower, requires):
+    def __init__(self, tower, requires, feature_layer=None):
         self.signals, self._hooks = {}, []
         layers = getattr(tower, "vision_model", tower).encoder.layers
         for name, ls in requires.items():
@@ -92,7 +92,7 @@ def test_a_tap_error_leaves_the_model_untouched(llava, monkeypatch):
     model, _ = llava
     mod = types.ModuleType("vtc.taps")
 
-    def attach(tower, requires):
+    def attach(tower, requires, feature_layer=None):
         raise vtc.errors.TapError("layer 99 is out of range")
 
     mod.attach = attach

@@ -9,16 +9,22 @@ import numpy as np
 import torch
 
 from vtc import Layout, VisualTokens
+from vtc.taps import LayerSpace
+
+#: the layers of LLaVA-1.5's CLIP-L tower (24 layers, features from layer 22), where the synthetic
+#: signals below are recorded: operators' tower-relative default layers resolve against it
+CLIP_L = LayerSpace(24, feature_layer=22)
 
 
 def grid_tokens(counts, h, w=None, *, D=6, seed=0, parts=1, signals=None, size=False, dtype=torch.float64,
-                full=False):
+                full=False, layer_space=CLIP_L):
     """A batch whose image ``b`` holds ``counts[b]`` tokens of ``parts`` partitions of ``h x w`` patches.
 
     Tokens are a random subset of the grid cells (raster order within partition order), or every cell
     when ``full``; ``index`` is the position in the concatenation of the partitions, ``group`` is set
     when ``parts > 1`` and ``layout`` always. ``signals``: ``{name: (layers, trailing_dim or None)}``.
-    ``size``: random sizes in [1, 4) (as if tokens had been merged before).
+    ``size``: random sizes in [1, 4) (as if tokens had been merged before). ``layer_space``: the
+    tower the signals' layer numbers belong to (default LLaVA-1.5's CLIP-L).
     """
     w = h if w is None else w
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +50,7 @@ def grid_tokens(counts, h, w=None, *, D=6, seed=0, parts=1, signals=None, size=F
     layout = Layout(grids=((h, w),) * P)
     return VisualTokens.from_list(
         xs, index=idxs, group=groups if P > 1 else None, size=sizes if size else None,
-        signals=sig or None, layout=layout,
+        signals=sig or None, layout=layout, layer_space=layer_space,
     )
 
 
@@ -60,6 +66,7 @@ def image(t: VisualTokens, b: int) -> VisualTokens:
         signals={k: {l: s[b : b + 1, :n] for l, s in v.items()} for k, v in t.signals.items()},
         layout=lay,
         budget=None if t.budget is None else t.budget[b : b + 1],
+        layer_space=t.layer_space,
     )
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _ops_testlib import assert_batch_equals_alone, grid_tokens, np64
+from _ops_testlib import CLIP_L, assert_batch_equals_alone, grid_tokens, np64
 
 import vtc
 
@@ -78,7 +78,8 @@ def test_explicit_r_and_feature_metric():
     for r in (10, 5):
         tok = ref_step(tok, r, weighted=False)
     _check(out, 0, tok)
-    assert vtc.create("aim_merge", metric="x").requires == {} and vtc.create("aim_merge").requires == {"keys": [23]}
+    assert vtc.create("aim_merge", metric="x").requires == {} and vtc.create("aim_merge").requires == {"keys": ["last"]}
+    assert CLIP_L.resolve_all(["last"]) == [23]  # AIM's layer-23 keys on LLaVA-1.5's CLIP-L
     with pytest.raises(vtc.VtcError):
         vtc.create("aim_merge", r=[4], keep=3)
 

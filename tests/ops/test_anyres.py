@@ -3,6 +3,7 @@
 import random
 
 import torch
+from _ops_testlib import CLIP_L
 
 import vtc
 from vtc import Layout, VisualTokens
@@ -85,7 +86,7 @@ def test_allocators_set_missing_groups_for_the_selector():
     g = torch.Generator().manual_seed(0)
     tok = VisualTokens(x=torch.randn(1, P * N, 4, generator=g), layout=Layout.for_anyres(8, (2, 2), image_size=(80, 80)),
                        signals={"cls_attn": {l: torch.rand(1, P * N, generator=g) for l in (0, 22)},
-                                "cls_logits": {23: torch.randn(1, P * N, generator=g)}})
+                                "cls_logits": {23: torch.randn(1, P * N, generator=g)}}, layer_space=CLIP_L)
     for spec in ("hired:ratio=0.3", "globalcom2"):
         pipe = vtc.build(f"{spec} | random")
         budget = pipe[0].allocate(tok).budget[0].tolist()

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from _ops_testlib import grid_tokens
+from _ops_testlib import CLIP_L, grid_tokens
 
 import vtc
 from vtc import Layout, VisualTokens
@@ -27,9 +27,9 @@ FIXED = ["divprune:keep=16", "divprune:ratio=0.1", "vtc-cls:keep=16", "vtc-cls:r
 def _tokens(pipe, B=3, side=12, dim=8):
     sig = {}
     for name, layers in pipe.requires.items():
-        sig[name] = (layers, 4 if name == "keys" else None)
+        sig[name] = (CLIP_L.resolve_all(layers), 4 if name == "keys" else None)
     t = grid_tokens([side * side] * B, side, D=dim, seed=0, full=True, signals=sig, dtype=torch.float32)
-    return VisualTokens(x=t.x, signals=t.signals, layout=Layout.grid(side))  # default (raster) index
+    return VisualTokens(x=t.x, signals=t.signals, layout=Layout.grid(side), layer_space=CLIP_L)  # default (raster) index
 
 
 def _fast(pipe, t):
@@ -91,7 +91,7 @@ def test_anyres_allocators_sync_once_for_their_output_width(spec, most):
     lays = [Layout.for_anyres(side, (2, 2), image_size=s) for s in sizes]
     req = {}
     for name, layers in pipe.requires.items():
-        req[name] = (layers, None)
+        req[name] = (CLIP_L.resolve_all(layers), None)
     t = grid_tokens([P * side * side] * 3, side, D=6, seed=1, parts=P, full=True, signals=req, dtype=torch.float32)
     t = t.replace(layout=lays)
     out, c = _fast(pipe, t)

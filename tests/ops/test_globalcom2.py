@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from _ops_testlib import CLIP_L
 
 import vtc
 from vtc import Layout, VisualTokens
@@ -109,7 +110,7 @@ def make_tokens(nh, nw, side, image_size, seed=0, layers=(23,), dim=6):
     x = torch.randn(1, P * N, dim, generator=g, dtype=torch.float64)
     return VisualTokens(x=x, group=(torch.arange(P * N) // N).unsqueeze(0),
                         layout=Layout.for_anyres(side, (nh, nw), image_size=image_size),
-                        signals={"cls_logits": logits})
+                        signals={"cls_logits": logits}, layer_space=CLIP_L)
 
 
 def per_part(tok, P, N, layer=23):
@@ -173,7 +174,7 @@ def test_scales_follow_the_thumbnail_and_can_drop_below_rho():
 def test_single_partition(compat):
     g = torch.Generator().manual_seed(2)
     s = {23: torch.randn(2, 576, generator=g, dtype=torch.float64)}
-    tok = VisualTokens(x=torch.randn(2, 576, 4, generator=g), signals={"cls_logits": s})
+    tok = VisualTokens(x=torch.randn(2, 576, 4, generator=g), signals={"cls_logits": s}, layer_space=CLIP_L)
     out = vtc.create("globalcom2", compat=compat)(tok)
     assert out.counts.tolist() == [144, 144]
     for b in range(2):
@@ -184,10 +185,11 @@ def test_single_partition(compat):
 
 # ---------------------------------------------------------------------- layers read
 def test_requires_and_one_hot_layer_marker():
-    assert vtc.create("globalcom2").requires == {"cls_logits": [23]}
+    assert vtc.create("globalcom2").requires == {"cls_logits": ["last"]}
+    assert CLIP_L.resolve("last") == 23  # the official layer on LLaVA-NeXT's CLIP-L
     assert vtc.create("globalcom2", layer=3).requires == {"cls_logits": [3]}
     one_hot = {l: torch.zeros(1, 64, dtype=torch.float64).index_fill_(1, torch.tensor([l]), 1.0) for l in range(24)}
-    tok = VisualTokens(x=torch.randn(1, 64, 4), signals={"cls_logits": one_hot})
+    tok = VisualTokens(x=torch.randn(1, 64, 4), signals={"cls_logits": one_hot}, layer_space=CLIP_L)
     assert vtc.create("globalcom2", ratio=1 / 64)(tok).index.tolist() == [[23]]
     # AnyRes: layer l's crops are one-hot at token l; whatever the budget, each crop's best is 23
     P, N = 5, 64
@@ -197,7 +199,7 @@ def test_requires_and_one_hot_layer_marker():
         s[:, l] = 50.0
         sig[l] = s.view(1, -1)
     tok = VisualTokens(x=torch.randn(1, P * N, 4), layout=Layout.for_anyres(8, (2, 2), image_size=(80, 80)),
-                       signals={"cls_logits": sig})
+                       signals={"cls_logits": sig}, layer_space=CLIP_L)
     out = vtc.create("globalcom2", ratio=1 / 64)(tok)
     # thumbnail: 1 token (23). Token 23 (row 2, col 7) lies in crop (0,1)'s region, which gets
     # p ~ 1, scale = (1 + 1 - 1/4)/64 and int(64 * scale) = 1 token: its own token 23; others 0
@@ -241,7 +243,7 @@ def test_batch_of_different_grids_equals_one_by_one():
     batch = VisualTokens.from_list([a.x[0], b.x[0]], index=[a.index[0], b.index[0]], group=[a.group[0], b.group[0]],
                                    layout=[a.layout, b.layout],
                                    signals={"cls_logits": {23: [a.signals["cls_logits"][23][0],
-                                                                b.signals["cls_logits"][23][0]]}})
+                                                                b.signals["cls_logits"][23][0]]}}, layer_space=CLIP_L)
     for compat in ("official", "clean"):
         op = vtc.create("globalcom2", compat=compat)
         out = op(batch)
@@ -276,7 +278,7 @@ def test_official_half_precision_thumbnail_is_torchs_argsort(dtype):
     g = torch.Generator().manual_seed(9)
     differs = 0
     s = {23: (3 * torch.randn(3, 576, generator=g)).to(dtype)}
-    tok = VisualTokens(x=torch.randn(3, 576, 4, generator=g), signals={"cls_logits": s})
+    tok = VisualTokens(x=torch.randn(3, 576, 4, generator=g), signals={"cls_logits": s}, layer_space=CLIP_L)
     out = vtc.create("globalcom2")(tok)
     for b in range(3):
         want = torch.argsort(s[23][b], descending=True)[:144].tolist()
@@ -288,7 +290,7 @@ def test_official_half_precision_thumbnail_is_torchs_argsort(dtype):
     logits = (3 * torch.randn(1, P * N, generator=g)).to(dtype)
     tok = VisualTokens(x=torch.randn(1, P * N, 4, generator=g), group=(torch.arange(P * N) // N).unsqueeze(0),
                        layout=Layout.for_anyres(side, (nh, nw), image_size=(300, 500)),
-                       signals={"cls_logits": {23: logits}})
+                       signals={"cls_logits": {23: logits}}, layer_space=CLIP_L)
     want = torch.argsort(logits[0, :N], descending=True)[:144].tolist()
     assert vtc.create("globalcom2")(tok).index[0, :144].tolist() == want
     differs += want != torch.sort(logits[0, :N], descending=True, stable=True).indices[:144].tolist()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _ops_testlib import assert_batch_equals_alone, assert_kept_aligned, grid_tokens, top_k_positions
+from _ops_testlib import CLIP_L, assert_batch_equals_alone, assert_kept_aligned, grid_tokens, top_k_positions
 
 import vtc
 from vtc import Layout
@@ -85,7 +85,8 @@ def test_per_partition_budgets_on_anyres():
 
 def test_requires_and_defaults():
     op = vtc.create("hiprune", keep=64)
-    assert op.requires == {"attn_received": [8, 22]}
+    assert op.requires == {"attn_received": ["1/3", "feature"]}
+    assert CLIP_L.resolve_all(op.requires["attn_received"]) == [8, 22]  # the official layers on LLaVA-1.5's CLIP-L
     assert [int(v) for v in op.anchors(torch.tensor([192, 128, 64]))] == [4, 3, 1]
     # LLaVA-NeXT: the official code's spatial merge (no newline tokens, padding ranked); clean is standard
     assert (op.newline_policy, op.sees_padding) == ("none", True)

@@ -10,6 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from _ops_testlib import CLIP_L
 
 import vtc
 from vtc import Layout, VisualTokens
@@ -128,7 +129,8 @@ def make_tokens(nh, nw, side, image_size, seed=0, layers=(0, 22), dim=6):
     sig = {l: torch.rand(1, P * N, generator=g, dtype=torch.float64) for l in layers}
     x = torch.randn(1, P * N, dim, generator=g, dtype=torch.float64)
     tok = VisualTokens(x=x, group=(torch.arange(P * N) // N).unsqueeze(0),
-                       layout=Layout.for_anyres(side, (nh, nw), image_size=image_size), signals={"cls_attn": sig})
+                       layout=Layout.for_anyres(side, (nh, nw), image_size=image_size), signals={"cls_attn": sig},
+                       layer_space=CLIP_L)
     return tok
 
 
@@ -210,7 +212,7 @@ def test_official_loses_padding_picks_clean_does_not():
 def test_single_image_llava15_variant():
     g = torch.Generator().manual_seed(1)
     a = {l: torch.rand(2, 576, generator=g, dtype=torch.float64) for l in (0, 22)}
-    tok = VisualTokens(x=torch.randn(2, 576, 4, generator=g), signals={"cls_attn": a})
+    tok = VisualTokens(x=torch.randn(2, 576, 4, generator=g), signals={"cls_attn": a}, layer_space=CLIP_L)
     out = vtc.create("hired")(tok)  # ratio 0.2 -> int(576*0.2) = 115, raster order
     assert out.counts.tolist() == [115, 115]
     for b in range(2):
@@ -222,9 +224,10 @@ def test_single_image_llava15_variant():
 
 # ---------------------------------------------------------------------- layers read
 def test_requires_names_exactly_the_layers_read():
-    assert vtc.create("hired").requires == {"cls_attn": [0, 22]}
+    assert vtc.create("hired").requires == {"cls_attn": [0, "feature"]}
+    assert CLIP_L.resolve_all(vtc.create("hired").requires["cls_attn"]) == [0, 22]  # official, on CLIP-L
     assert vtc.create("hired", top_layer=3, bottom_layer=2).requires == {"cls_attn": [2, 3]}
-    assert vtc.build("hired:ratio=0.2 | divprune").requires == {"cls_attn": [0, 22]}
+    assert vtc.build("hired:ratio=0.2 | divprune").requires == {"cls_attn": [0, "feature"]}
 
 
 def test_one_hot_layer_markers():
@@ -232,7 +235,7 @@ def test_one_hot_layer_markers():
     and only layer 0 the crop budgets."""
     layers = range(24)
     one_hot = {l: torch.zeros(1, 576, dtype=torch.float64).index_fill_(1, torch.tensor([l]), 1.0) for l in layers}
-    tok = VisualTokens(x=torch.randn(1, 576, 4), signals={"cls_attn": one_hot})
+    tok = VisualTokens(x=torch.randn(1, 576, 4), signals={"cls_attn": one_hot}, layer_space=CLIP_L)
     assert vtc.create("hired", keep=1)(tok).index.tolist() == [[22]]
     # AnyRes 2x2 of 8x8: layer l's thumbnail attention covers band (l % 4) of the thumbnail, so
     # the crop budgets show which layer was read; crops' attention is one-hot at token l
@@ -245,7 +248,7 @@ def test_one_hot_layer_markers():
         s[1:, l % N] = 2.0
         sig[l] = s.view(1, -1)
     tok = VisualTokens(x=torch.randn(1, P * N, 4), layout=Layout.for_anyres(side, (2, 2), image_size=(80, 80)),
-                       signals={"cls_attn": sig})
+                       signals={"cls_attn": sig}, layer_space=CLIP_L)
     op = vtc.create("hired", ratio=0.25, spatial_k=16)  # B_tot=80: 40 thumbnail, 40 crops
     assert op.allocate(tok).budget[0].tolist() == [40, 0, 0, 0, 40]
     out = vtc.create("hired", keep=65, spatial_k=16, alpha=1.0)(tok)  # whole thumbnail, 1 crop token
@@ -287,7 +290,8 @@ def test_an_image_is_never_emptied():
     assert op.allocate(tok).budget[0].tolist() == [1, 0, 0, 0, 0]
     top = max(range(64), key=lambda t: tok.signals["cls_attn"][22][0, t].item())
     assert op(tok).index.tolist() == [[top]]
-    single = VisualTokens(x=torch.randn(1, 4, 2), signals={"cls_attn": {22: torch.tensor([[0.1, 0.5, 0.2, 0.2]])}})
+    single = VisualTokens(x=torch.randn(1, 4, 2), signals={"cls_attn": {22: torch.tensor([[0.1, 0.5, 0.2, 0.2]])}},
+                          layer_space=CLIP_L)
     assert vtc.create("hired")(single).index.tolist() == [[1]]  # int(4*0.2) = 0 -> 1
 
 
@@ -341,7 +345,7 @@ def test_batch_of_different_grids_equals_one_by_one():
     batch = VisualTokens.from_list([a.x[0], b.x[0]], index=[a.index[0], b.index[0]], group=[a.group[0], b.group[0]],
                                    layout=[a.layout, b.layout],
                                    signals={"cls_attn": {l: [a.signals["cls_attn"][l][0], b.signals["cls_attn"][l][0]]
-                                                         for l in (0, 22)}})
+                                                         for l in (0, 22)}}, layer_space=CLIP_L)
     for compat in ("official", "clean"):
         op = vtc.create("hired", ratio=0.3, compat=compat)
         out = op(batch)

@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from _ops_testlib import grid_tokens, image, rows
+from _ops_testlib import CLIP_L, grid_tokens, image, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,7 +84,7 @@ def signals_for(op, extra_layers=(22,)) -> dict:
     for name, layers in op.requires.items():
         trail = 4 if name == "keys" else None
         old = spec.get(name, (set(), trail))[0]
-        spec[name] = (set(old) | set(layers), trail)
+        spec[name] = (set(old) | set(CLIP_L.resolve_all(layers)), trail)
     return {k: (sorted(v[0]), v[1]) for k, v in spec.items()}
 
 
@@ -242,11 +242,12 @@ def test_missing_signals_name_op_signal_and_layer(name):
     for sig, layers in op.requires.items():
         full = grid_tokens([16], 4, D=4, seed=3, full=True, signals=signals_for(op))
         signals = {s: dict(v) for s, v in full.signals.items()}
-        del signals[sig][layers[-1]]
+        last = CLIP_L.resolve_all(layers)[-1]
+        del signals[sig][last]
         with pytest.raises(SignalError) as e:
             op(full.replace(signals=signals))
         msg = str(e.value)
-        assert f"'{name}'" in msg and f"'{sig}'" in msg and f"layer {layers[-1]}" in msg
+        assert f"'{name}'" in msg and f"'{sig}'" in msg and f"layer {last}" in msg
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _ops_testlib import assert_batch_equals_alone, grid_tokens, np64, partition_budget_check
+from _ops_testlib import CLIP_L, assert_batch_equals_alone, grid_tokens, np64, partition_budget_check
 
 import vtc
 from vtc import VisualTokens
@@ -131,7 +131,8 @@ def test_metric_choice():
     assert_matches(_op(10, metric="keys")(t), 0, ref_tome(_tokens_as_list(t, 0, 22), 10))
     plain = VisualTokens(x=t.x, index=t.index, layout=t.layout)
     assert_matches(_op(10)(plain), 0, on_x)  # auto without keys: features
-    assert _op(3, metric="keys").requires == {"keys": [22]} and _op(3).requires == {}
+    assert _op(3, metric="keys").requires == {"keys": ["feature"]} and _op(3).requires == {}
+    assert CLIP_L.resolve("feature") == 22
     assert _op(3, metric="keys", layer=23).requires == {"keys": [23]}
 
 

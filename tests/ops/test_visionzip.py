@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _ops_testlib import assert_batch_equals_alone, grid_tokens, top_k_positions
+from _ops_testlib import CLIP_L, assert_batch_equals_alone, grid_tokens, top_k_positions
 
 import vtc
 from vtc import Layout, VisualTokens
@@ -61,7 +61,7 @@ def test_official_keeps_the_cls_token_and_counts_it_as_dominant():
     # the integration hands in the CLS token first, index CLS_INDEX (its signals are not read)
     t = VisualTokens(x=torch.cat([cls_x, base.x], 1), index=torch.cat([torch.full((2, 1), CLS_INDEX), base.index], 1),
                      signals={k: {22: torch.cat([torch.zeros(2, 1, *v[22].shape[2:], dtype=v[22].dtype), v[22]], 1)}
-                              for k, v in base.signals.items()}, layout=base.layout)
+                              for k, v in base.signals.items()}, layout=base.layout, layer_space=CLIP_L)
     op = vtc.create("visionzip", dominant=6, contextual=4)
     assert op.wants_cls_token
     out = op(t)
@@ -101,7 +101,8 @@ def test_budget_presets_and_errors():
         vtc.create("visionzip", dominant=10)
     with pytest.raises(ConfigError, match="visionzip takes"):
         vtc.create("visionzip", dominant=10, contextual=2, keep=12)
-    assert vtc.create("visionzip", keep=8).requires == {"cls_attn": [22], "keys": [22]}
+    assert vtc.create("visionzip", keep=8).requires == {"cls_attn": ["feature"], "keys": ["feature"]}
+    assert CLIP_L.resolve("feature") == 22  # the official layer on LLaVA-1.5's CLIP-L
     assert (op.newline_policy, op.sees_padding) == ("none", True)
     assert (vtc.create("visionzip", keep=8, compat="clean").newline_policy,
             vtc.create("visionzip", keep=8, compat="clean").sees_padding) \

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from _ops_testlib import (
+    CLIP_L,
     assert_batch_equals_alone,
     assert_kept_aligned,
     grid_tokens,
@@ -49,25 +50,30 @@ def test_exact_sequence_against_reference(seed, N, k, layers):
     torch.testing.assert_close(out.x[0], t.x[0, pos], rtol=0, atol=0)
 
 
-def test_default_layers_are_16_to_22():
-    assert _op(3).config.layers == LAYERS and _op(3).requires == {"cls_attn": LAYERS}
+def test_default_layers_are_the_seven_ending_at_the_feature_layer():
+    assert _op(3).config.layers == ["feature-6..feature"] and _op(3).requires == {"cls_attn": ["feature-6..feature"]}
+    assert CLIP_L.resolve_all(_op(3).requires["cls_attn"]) == LAYERS  # 16..22 on LLaVA-1.5's CLIP-L
     assert _op(3, layers=[22, 16, 22]).requires == {"cls_attn": [16, 22]}
     assert _op(3).stage == "vision"
+    for bad in (["features"], ["16..feature..22"], [1.5], ["2/2"]):
+        with pytest.raises(vtc.errors.ConfigError, match="vtc-cls.layers"):
+            _op(3, layers=bad)
 
 
 def test_reads_exactly_the_configured_layers():
     """One-hot marker per layer: layer l puts all its attention on patch l."""
     N = 30
     attn = {l: torch.nn.functional.one_hot(torch.tensor([l]), N).double() for l in range(24)}
-    t = VisualTokens(x=torch.randn(1, N, 4, dtype=torch.float64), signals={"cls_attn": attn})
+    t = VisualTokens(x=torch.randn(1, N, 4, dtype=torch.float64), signals={"cls_attn": attn}, layer_space=CLIP_L)
     assert _op(7)(t).index[0].tolist() == LAYERS
+    assert _op(4, layers=["feature-2..feature", 22, "last"])(t).index[0].tolist() == [20, 21, 22, 23]
     assert _op(1, layers=[9])(t).index[0].tolist() == [9]
     assert _op(2, layers=[23, 0])(t).index[0].tolist() == [0, 23]
 
 
 def test_ties_go_to_the_lower_position():
     attn = {l: torch.tensor([[0.1, 0.3, 0.2, 0.3, 0.3, 0.1]]) for l in LAYERS}
-    t = VisualTokens(x=torch.randn(1, 6, 2), signals={"cls_attn": attn})
+    t = VisualTokens(x=torch.randn(1, 6, 2), signals={"cls_attn": attn}, layer_space=CLIP_L)
     assert _op(2)(t).index[0].tolist() == [1, 3]
     assert _op(4)(t).index[0].tolist() == [1, 2, 3, 4]
 
@@ -105,13 +111,16 @@ def test_per_partition_budgets():
 
 
 def test_missing_signal_names_op_signal_and_layer():
-    t = VisualTokens(x=torch.randn(1, 10, 4), signals={"cls_attn": {l: torch.rand(1, 10) for l in (17, 18)}})
+    t = VisualTokens(x=torch.randn(1, 10, 4), signals={"cls_attn": {l: torch.rand(1, 10) for l in (17, 18)}},
+                     layer_space=CLIP_L)
     with pytest.raises(SignalError) as e:
         _op(3, layers=[17, 18, 21])(t)
     msg = str(e.value)
     assert "'vtc-cls'" in msg and "'cls_attn'" in msg and "layer 21" in msg
     with pytest.raises(SignalError, match="layer 16"):
-        _op(3)(VisualTokens(x=torch.randn(1, 10, 4)))
+        _op(3)(VisualTokens(x=torch.randn(1, 10, 4), layer_space=CLIP_L))
+    with pytest.raises(SignalError, match="'feature-6..feature', which is relative to the tower's depth"):
+        _op(3)(VisualTokens(x=torch.randn(1, 10, 4), signals={"cls_attn": {22: torch.rand(1, 10)}}))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
@@ -131,7 +140,7 @@ def test_half_precision_sums_the_layers_with_one_rounding(dtype):
     for _ in range(6):
         B, N, k = 2, 576, 64
         attn = {l: torch.rand(B, N, generator=g).softmax(-1).to(dtype) for l in LAYERS}
-        t = VisualTokens(x=torch.randn(B, N, 4, generator=g).to(dtype), signals={"cls_attn": attn})
+        t = VisualTokens(x=torch.randn(B, N, 4, generator=g).to(dtype), signals={"cls_attn": attn}, layer_space=CLIP_L)
         out = _op(k)(t)
         score = torch.stack([attn[l] for l in LAYERS]).sum(0)  # one rounding, in dtype
         running = attn[LAYERS[0]].clone()

@@ -14,8 +14,9 @@ Stages:
   merged, LLM-width tokens).
 - **ops**: each operator's own work, from its optional ``flops(n_in, dim, partitions)`` method,
   else from the estimate for its name in :data:`OP_FLOPS` (model knowledge stays here, not in
-  the operators), plus the cost of the taps that record its signals (one ``1 x N`` CLS-row
-  product per layer).
+  the operators), plus the cost of the taps that record its signals (:func:`tap_flops`: the CLS
+  row of each recorded layer, every query row against every key for ``attn_received``, and the
+  projections a tap recomputes on towers whose attention fuses them).
 - **prefill**: the LLM over ``n`` prompt tokens: q/k/v/o projections with grouped-query
   attention (``n_kv_heads``), the full ``n x n`` attention products (as FlopCounterMode and FastV
   count them; causal kernels skip about half), SwiGLU's three matrices (two for a plain MLP), and
@@ -44,7 +45,8 @@ from typing import Any
 from vtc.errors import ConfigError
 
 __all__ = ["VisionShape", "LMShape", "ModelShape", "vision_shape", "lm_shape", "vision_flops", "projector_flops",
-           "prefill_flops", "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "estimate", "OP_FLOPS",
+           "prefill_flops", "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "tap_flops",
+           "estimate", "OP_FLOPS",
            "register_op_flops", "layer_visual_counts", "equivalent_tokens"]
 
 
@@ -57,6 +59,10 @@ class VisionShape:
     MLP (three matrices); ``merge``: the side of the patch blocks merged into one LLM token (2
     for Qwen VL; operators then run on merged tokens); ``window``: the side in patches of the
     attention windows, in every layer but ``full_attention_layers`` (Qwen2.5-VL; 0: none).
+    For the taps' cost (:func:`tap_flops`): ``heads`` (attention heads; 0: unknown),
+    ``feature_layer`` (the layer the model reads features from, non-negative, resolving
+    ``"feature"``; None: unknown) and ``fused_qkv`` (the attention projects q/k/v inside one fused
+    call, as open_clip's ``nn.MultiheadAttention``, so a tap re-projects the q/k it needs).
     """
 
     layers: int
@@ -72,6 +78,9 @@ class VisionShape:
     merge: int = 1
     window: int = 0
     full_attention_layers: tuple[int, ...] = ()
+    heads: int = 0
+    feature_layer: int | None = None
+    fused_qkv: bool = False
 
     @property
     def patches(self) -> int:
@@ -136,14 +145,15 @@ class ModelShape:
         return asdict(self)
 
 
-def vision_shape(c: Any) -> VisionShape:
-    """A CLIP / SigLIP vision config's shape."""
+def vision_shape(c: Any, feature_layer: int | None = None) -> VisionShape:
+    """A CLIP / SigLIP vision config's shape; ``feature_layer``: the tower layer the model reads."""
     model_type = getattr(c, "model_type", "")
     siglip = "siglip" in model_type
     return VisionShape(
         layers=c.num_hidden_layers, hidden=c.hidden_size, intermediate=c.intermediate_size,
         image_size=c.image_size, patch_size=c.patch_size, channels=getattr(c, "num_channels", 3),
         cls_token=not siglip, pool_head=siglip and bool(getattr(c, "vision_use_head", True)),
+        heads=getattr(c, "num_attention_heads", 0) or 0, feature_layer=feature_layer,
     )
 
 
@@ -375,24 +385,74 @@ def op_flops(op: Any, n_in: int, dim: int, partitions: int = 1) -> tuple[int, in
     return int(f), int(n_out), True
 
 
-def _tap_flops(pipeline: Any, v: VisionShape, passes: int) -> int:
-    """CLS-row attention taps: one ``1 x N`` product per recorded layer and pass."""
-    req = getattr(pipeline, "requires", {}) or {}
-    layers = set(req.get("cls_attn", [])) | set(req.get("cls_logits", []))
-    return 2 * len(layers) * v.seq * v.hidden * passes
+_CLS = ("cls_attn", "cls_logits")
 
 
-def pipeline_flops(shape: ModelShape, pipeline: Any, visual_tokens: int, passes: int = 1) -> dict[str, Any]:
+def tap_flops(v: VisionShape, requires: Mapping[str, Sequence[Any]], passes: int = 1,
+              grids: list[tuple[int, int]] | None = None) -> int:
+    """Matrix-multiply FLOPs of the ``vtc.taps`` hooks recording ``requires`` (``{signal: [layers]}``,
+    any layer form, resolved against ``v``'s depth and ``feature_layer``) on ``passes`` tower forwards
+    (or one per patch grid in ``grids``), as :mod:`vtc.taps` computes them. Per layer and pass of
+    ``N`` tokens (prefix included) of width ``D = H*d``:
+
+    - ``cls_attn`` / ``cls_logits``: the CLS row, computed as one product of the ``N`` keys with a
+      block-diagonal ``[D, H]`` matrix of the heads' CLS queries (one kernel for all heads):
+      ``2*N*D*H`` (:func:`vtc.attention.cls_attention`);
+    - ``attn_received``: every query row against every key, ``2*H*N²*d = 2*N²*D`` (in chunks of
+      rows; within each attention window in Qwen2.5-VL's window layers); its softmax and the column
+      sums are not counted (the module's convention: matrix multiplies only);
+    - ``keys``, ``key_norms``, ``hidden``: read from what the attention computes, no product;
+    - ``fused_qkv`` towers (open_clip) re-project from the block input what the hook needs: the
+      keys ``2*N*D²`` (``attn_received``, ``key_norms``), the queries ``2*N*D²`` (``attn_received``),
+      head-mean keys of the patches ``2*(N - prefix)*D*d`` (``keys``), and the CLS row through the
+      key projection instead of the keys (``2*D²`` for the CLS query, ``2*D²`` to pull it back
+      through ``W_k``, ``2*D`` for the key bias, ``2*N*D*H`` against the tokens;
+      :func:`vtc.attention.cls_attention_from_input`).
+
+    Checked against ``FlopCounterMode`` on tiny towers with a tap attached (``tests/bench/test_tap_flops.py``).
+    """
+    if not requires:
+        return 0
+    from vtc.taps.layers import LayerSpace
+
+    if (v.heads <= 0 or v.hidden % v.heads) and any(sig in requires for sig in (*_CLS, "keys")):
+        raise ConfigError(f"the taps' FLOPs of {sorted(requires)} need the tower's attention heads: "
+                          "give VisionShape(heads=...)")
+    space = LayerSpace(v.layers, v.feature_layer)
+    layers: dict[int, set[str]] = {}
+    for sig, ls in requires.items():
+        for l in space.resolve_all(ls, where=f"the taps' requires[{sig!r}]", error=ConfigError):
+            layers.setdefault(l, set()).add(sig)
+    D, H = v.hidden, max(v.heads, 1)
+    prefix = int(v.cls_token)
+    total = 0
+    for h, w in ([v.grid()] * passes if grids is None else grids):
+        n = h * w + prefix
+        full, windows = _attention_blocks(v, h, w)
+        for l, want in layers.items():
+            if want & set(_CLS):
+                total += 2 * n * D * H + (4 * D * D + 2 * D if v.fused_qkv else 0)
+            if "attn_received" in want:
+                total += 2 * D * (full if not v.window or l in v.full_attention_layers else windows)
+            if v.fused_qkv:
+                total += 2 * n * D * D * (("attn_received" in want) + bool(want & {"attn_received", "key_norms"}))
+                total += 2 * (n - prefix) * D * (D // H) if "keys" in want else 0
+    return total
+
+
+def pipeline_flops(shape: ModelShape, pipeline: Any, visual_tokens: int, passes: int = 1,
+                   grids: list[tuple[int, int]] | None = None) -> dict[str, Any]:
     """Operator FLOPs per image and the token count each stage hands on.
 
-    ``visual_tokens`` is what the vision stage sees (patch tokens of all partitions). Returns
+    ``visual_tokens`` is what the vision stage sees (patch tokens of all partitions); ``grids``: the
+    patch grid of each tower pass (dynamic-resolution towers), for the taps. Returns
     ``{"ops": flops, "after_vision": n, "after_llm": n, "unknown": [op names without an estimate]}``.
     """
     total, unknown, n = 0, [], visual_tokens
     after_vision = visual_tokens
     if pipeline is not None and len(pipeline):
         if shape.vision is not None:
-            total += _tap_flops(pipeline, shape.vision, passes)
+            total += tap_flops(shape.vision, getattr(pipeline, "requires", {}) or {}, passes, grids)
         merged = shape.vision is not None and shape.vision.merge > 1  # operators see the merged LLM tokens
         for op in pipeline:
             if op.stage == "llm_layer":  # counted per decoder layer by estimate()
@@ -478,7 +538,7 @@ def estimate(
     else:
         patch_tokens = sum(h * w for h, w in grids) if grids is not None else v.patches * passes
         patch_tokens //= v.merge**2  # what the projector and the operators see
-    ops = pipeline_flops(shape, pipeline, patch_tokens if visual_tokens is None else visual_tokens, passes) \
+    ops = pipeline_flops(shape, pipeline, patch_tokens if visual_tokens is None else visual_tokens, passes, grids) \
         if pipeline is not None else {"ops": 0, "after_vision": patch_tokens, "unknown": []}
     if projector_tokens is None:
         vision_ops = pipeline is not None and pipeline.has_stage("vision") and (v is None or v.merge == 1)

@@ -15,7 +15,10 @@ holds a token (LLaVA-NeXT's standard; identical to stock when nothing is pruned)
 ``nH*h`` rows including rows removed by unpadding (GlobalCom²'s official code), ``"none"`` no
 newline tokens (HiRED's official code). Tokens a pooling operator averaged to a regular lattice
 (``Layout.pooled``, e.g. M3's ``avg_pool2d`` with kernel ``s``) are laid out on the pooled
-``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. Pure torch.
+``h/s x w/s`` grid, its unpadding and its newlines, as LLaVA-NeXT-M3 assembles. A crop's CLS
+token (``index`` -1, handed to VisionZip official: :mod:`vtc.integrations.cls_token`) has no cell:
+the crops' CLS tokens come after the crop grid and its newlines, in crop order, as VisionZip's
+official LLaVA-NeXT code appends them. Pure torch.
 """
 
 from __future__ import annotations
@@ -25,13 +28,28 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from vtc.errors import ConfigError, LayoutError
+from vtc.errors import ConfigError, InputError, LayoutError
 from vtc.geometry import Layout, crop_cells
 from vtc.tokens import VisualTokens
 
-__all__ = ["NEWLINE_POLICIES", "group_partitions", "assemble"]
+__all__ = ["NEWLINE_POLICIES", "partition_pixels", "group_partitions", "assemble"]
 
 NEWLINE_POLICIES = ("rows", "unpadded_rows", "all_rows", "none")
+
+
+def partition_pixels(pixel_values: Tensor, parts: Sequence[int], family: str) -> Tensor:
+    """The ``[sum(parts), 3, H, W]`` tower inputs of a processor's ``pixel_values``: ``[images, max
+    partitions, 3, H, W]`` (padded; image ``i`` uses its first ``parts[i]``) or already 4-D."""
+    if pixel_values.dim() == 5:
+        dev = pixel_values.device
+        counts = torch.tensor(list(parts), device=dev).unsqueeze(1)
+        keep = torch.arange(pixel_values.shape[1], device=dev).unsqueeze(0) < counts
+        pixel_values = pixel_values[keep]
+    elif pixel_values.dim() != 4:
+        raise InputError(f"{family} pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
+    if pixel_values.shape[0] != sum(parts):
+        raise InputError(f"pixel_values hold {pixel_values.shape[0]} crops but the images need {sum(parts)}")
+    return pixel_values
 
 
 def group_partitions(flat: VisualTokens, parts: Sequence[int], layouts: Sequence[Layout]) -> VisualTokens:
@@ -94,7 +112,13 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
         raise LayoutError(f"newline policy {policy!r} needs the model's image_newline vector")
     B, N = tokens.x.shape[:2]
     dev = tokens.device
-    cells = crop_cells(tokens, unpad)  # each token's cell on the (possibly pooled) crop grid
+    is_cls = tokens.valid & (tokens.index < 0)  # CLS tokens: no cell (geometry reads their partition's first)
+    geo = tokens
+    if bool(is_cls.any()):
+        hw = torch.tensor([lay.grids[0][0] * lay.grids[0][1] for lay in layouts], device=tokens.device).unsqueeze(1)
+        part = tokens.group if tokens.group is not None else torch.zeros_like(tokens.index)
+        geo = tokens.replace(index=torch.where(is_cls, part * hw, tokens.index))
+    cells = crop_cells(geo, unpad)  # each token's cell on the (possibly pooled) crop grid
     group = tokens.group if tokens.group is not None else torch.zeros(B, N, dtype=torch.long, device=dev)
     nH, nW, eh = cells.nh, cells.nw, cells.eh
     R, C, inside = cells.row, cells.col, cells.inside
@@ -103,9 +127,11 @@ def assemble(tokens: VisualTokens, newline: Tensor | None, policy: str = "rows",
     Wb = nW * cells.ew  # crop-grid width, per image [B, 1]
     pos = torch.arange(N, device=dev).expand(B, N)
     big = torch.full_like(pos, -1)
-    tok_key = torch.where(cells.base, pos, torch.where(inside, N + R * (Wb + 1) + C, big))
     # newline entries, one candidate per big-grid row
     H = int((nH * eh).max().item())
+    after_grid = N + H * (Wb + 1) + pos  # beyond every grid and newline key
+    tok_key = torch.where(cells.base, pos, torch.where(inside & ~is_cls, N + R * (Wb + 1) + C,
+                                                       torch.where(is_cls, after_grid, big)))
     rows = torch.arange(H, device=dev).expand(B, H)
     if policy == "rows":
         has = torch.zeros(B, H + 1, dtype=torch.bool, device=dev)

@@ -59,10 +59,7 @@ def open_tap(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str =
             f"{who} needs vision-tower signals {dict(requires)} but vtc.taps cannot be imported ({e}); "
             "install vtc completely, or use operators that need no signals"
         ) from e
-    wanted = {k: list(v) for k, v in requires.items()}
-    if any(l == "feature" for v in wanted.values() for l in v):  # the only form that needs it
-        return attach(tower, wanted, feature_layer=feature_layer)
-    return attach(tower, wanted)
+    return attach(tower, {k: list(v) for k, v in requires.items()}, feature_layer=feature_layer)
 
 
 def tokens_from(features: Tensor, tap: Any | None, requires: Mapping[str, Sequence[int]],

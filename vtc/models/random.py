@@ -3,7 +3,8 @@
 For tests, smoke runs and benchmarks of the machinery (never for accuracy): every piece is a stock
 ``transformers`` class (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
 ``CLIPVisionModel`` / ``SiglipVisionModel`` towers, a Llama decoder; ``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``) and the processor is
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration``) and the processor is
 the family's stock processor with a word-level tokenizer built in memory, so nothing is
 downloaded. LLaVA shapes are LLaVA's with small widths: by default a 24x24 patch grid (576 visual
 tokens) on 96-pixel images with 4-pixel patches. Qwen VL models keep their dynamic resolution
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TinySpec", "QwenSpec", "word_tokenizer", "random_llava", "random_llava_next", "random_qwen2_vl",
+__all__ = ["TinySpec", "QwenSpec", "word_tokenizer", "random_llava", "random_llava_next", "random_llava_onevision",
+           "random_qwen2_vl",
            "random_qwen2_5_vl", "random_qwen3_vl", "DEFAULT_WORDS", "QWEN_IMAGE"]
 
 #: a small vocabulary that covers the prompts used in tests and the quick benchmarks
@@ -186,6 +188,54 @@ def random_llava_next(spec: TinySpec | None = None, *, tokenizer: Any = None, **
     proc = LlavaNextProcessor(
         image_processor=_image_processor(spec, True), tokenizer=tok, patch_size=spec.patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    return _finish(model, tok, spec), proc
+
+
+def random_llava_onevision(spec: TinySpec | None = None, *, tokenizer: Any = None, max_crops: int = 2,
+                           **overrides: Any):
+    """``(model, processor)``: a tiny random ``LlavaOnevisionForConditionalGeneration`` and its processor.
+
+    As LLaVA-OneVision: a SigLIP tower without CLS read at its last layer (``vision_feature_layer=-1``,
+    strategy ``"full"``; override ``tower``/``feature_layer`` in ``spec``), AnyRes crops on pinpoints
+    up to 3x3 of ``image_size``, and ``vision_aspect_ratio="anyres_max_{max_crops}"``: an unpadded crop
+    grid of more than about ``1.21 * max_crops`` base grids is bilinearly downsampled (the default 2
+    makes 2x2 and larger crop grids downsample on these tiny images, as 3x3 and larger do on the
+    real model's ``anyres_max_9``). Prompts with several images per sample use the base view only.
+    ``tokenizer``: a :func:`word_tokenizer` with ``specials=("<video>",)`` (default: over DEFAULT_WORDS).
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    defaults = {"tower": "siglip", "feature_layer": -1}
+    spec = TinySpec(**{**defaults, **overrides}) if spec is None else spec
+    tok = word_tokenizer(specials=("<video>",)) if tokenizer is None else tokenizer
+    s = spec.image_size
+    pinpoints = [[s * a, s * b] for a in (1, 2, 3) for b in (1, 2, 3)]
+    strategy = "default" if spec.tower == "clip" else "full"
+    aspect = f"anyres_max_{max_crops}"
+    cfg = LlavaOnevisionConfig(
+        vision_config=_vision_config(spec), text_config=_text_config(spec, len(tok), tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=spec.feature_layer, vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=pinpoints, vision_aspect_ratio=aspect, projector_hidden_act="gelu",
+    )
+    if spec.tower == "siglip":
+        cfg.vision_config.vision_use_head = False
+    torch.manual_seed(spec.seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg)
+    norm = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    proc = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints,
+                                                     **norm),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": s, "width": s}, **norm),
+        tokenizer=tok, num_image_tokens=(s // spec.patch_size) ** 2, vision_feature_select_strategy=strategy,
+        vision_aspect_ratio=aspect,
     )
     return _finish(model, tok, spec), proc
 

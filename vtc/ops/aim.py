@@ -20,9 +20,10 @@ the features) is merged in lockstep by the same rule, so each step matches on me
 Schedule: ``r=[...]`` merges per step; ``keep=``/``ratio=`` merge up to half the tokens per step
 until the budget is met; with neither, AIM's LLaVA-1.5 schedule ``r = [n//2, n//16]`` of the
 ``n`` input tokens (576 -> 288 -> 252, 43.75% kept). ``size`` always counts the patches a token
-stands for. AIM's image model reads the layer-23 keys (CLIP-L's last layer, whose output LLaVA
-does not use) with all heads concatenated (1024-d); vtc's ``keys`` signal is the head-mean key, so
-``metric="keys"`` matches on a different (64-d) vector: the nearest vtc equivalent.
+stands for. Default ``layer="last"``: AIM's image model reads the layer-23 keys (CLIP-L's
+last layer, whose output LLaVA does not use) with all heads concatenated (1024-d); vtc's ``keys``
+signal is the head-mean key, so ``metric="keys"`` matches on a different (64-d) vector: the nearest
+vtc equivalent.
 
 ``aim`` (stage ``llm_layer``): after each layer ``l >= start``, visual tokens are ranked by PageRank
 on that layer's attention: ``M = softmax(q kᵀ·scale / 0.1)`` (float32, causal and padding masked),
@@ -55,6 +56,7 @@ from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.llm_layer import LayerConfig, LayerContext, LayerOperator, floor_count, keep_top_visual
 from vtc.ops.tome import bipartite_step, sort_by_first, track_first
 from vtc.registry import register
+from vtc.taps.layers import Layer, check_layer
 from vtc.tokens import VisualTokens
 
 #: AIM's LLaVA-1.5 image schedule as fractions of the input count: r = 288 then 36 of 576
@@ -68,11 +70,12 @@ class AimMergeConfig(SelectConfig):
 
     r: list[int] | None = None
     metric: Literal["keys", "x"] = "keys"
-    layer: int = 23
+    layer: Layer = "last"
     compat: Literal["official", "clean"] = "official"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_layer(self.layer, "aim_merge.layer")
         if self.r is not None and (not self.r or any(v <= 0 for v in self.r)):
             raise BudgetError(f"aim_merge r= lists positive merges per step, got {self.r}")
         if self.r is not None and (self.keep is not None or self.ratio is not None):
@@ -129,7 +132,7 @@ class AimMerge(Selector):
             step += 1
             if step <= len(schedule) and not bool((r > 0).any()):
                 continue
-            metric = tokens.x if cfg.metric == "x" else tokens.signals["keys"][cfg.layer]
+            metric = tokens.x if cfg.metric == "x" else tokens.signal("keys", cfg.layer, op="operator 'aim_merge'")
             assign, rep, slot_valid, _ = bipartite_step(metric, n, r, False, tokens.group)
             tokens = _merge(tokens, assign, rep, None if bool(slot_valid.all()) else slot_valid, weighted=clean)
         if clean:

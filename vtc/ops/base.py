@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from vtc.errors import BudgetError, ConfigError, InputError
+from vtc.errors import BudgetError, ConfigError, InputError, SignalError
+from vtc.taps.layers import expand_layers
 from vtc.tokens import VisualTokens, checking, inputs_checked
 
 _MAX_KEEP = torch.iinfo(torch.long).max
@@ -173,9 +174,10 @@ class Operator(nn.Module):
 
     def check_signals(self, tokens: VisualTokens) -> None:
         """Raise a SignalError naming the first required signal that is missing."""
+        where = f"operator {self.name!r}"
         for sig, layers in self.requires.items():
-            for layer in layers:
-                tokens.signal(sig, layer, op=f"operator {self.name!r}")
+            for layer in expand_layers(tokens.layer_space, layers, f"{where}'s {sig!r} layers", SignalError):
+                tokens.signal(sig, layer, op=where)
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -4,7 +4,7 @@ Paper: "Global Compression Commander: Plug-and-Play Inference Acceleration for H
 Large Vision-Language Models" (Liu et al., AAAI 2026). Described in methods.md §4.
 
 Score: ``s = signals["cls_logits"][layer]``, the head-mean PRE-softmax scaled CLS->patch logits of
-the LAST CLIP layer (``layer=23``, not LLaVA's feature layer 22). Per image, with ``N = h*w``
+the LAST tower layer (``layer="last"``: 23 of CLIP-L's 24, not LLaVA's feature layer 22). Per image, with ``N = h*w``
 (576), retention ``rho = ratio`` and temperature ``T``:
 
 1. thumbnail: keep the top ``int(N*rho)`` tokens by ``s`` (144 of 576);
@@ -17,7 +17,7 @@ the LAST CLIP layer (``layer=23``, not LLaVA's feature layer 22). Per image, wit
    rectangle; keep the top ``int(N_r * scale_r)``;
 4. output: thumbnail tokens, then the crops' kept tokens in the raster order of the assembled grid.
 
-Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer=23``. The crop scores,
+Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer="last"``. The crop scores,
 scales and the upsampling are computed in float64 (the official code runs in the model's fp16, so
 in half precision a crop's boundary tokens and ``int(N_r*scale_r)`` can differ by one where a
 product lands on an integer); ties there rank the lower position first. The thumbnail is ranked
@@ -73,7 +73,7 @@ from vtc.ops.anyres import (
 from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.selection import keep_top
 from vtc.registry import register
-from vtc.taps.layers import Layer
+from vtc.taps.layers import Layer, check_layer
 from vtc.tokens import VisualTokens
 
 
@@ -83,13 +83,14 @@ class GlobalCom2Config(OpConfig):
 
     ratio: float = 0.25
     temperature: float = 10.0
-    layer: Layer = 23
+    layer: Layer = "last"
     compat: Literal["official", "clean"] = "official"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (0.0 < self.ratio <= 1.0):
             raise BudgetError(f"globalcom2 ratio= (the retention ratio) must be in (0, 1], got {self.ratio}")
+        check_layer(self.layer, "globalcom2.layer")
         if not self.temperature > 0:
             raise ConfigError(f"globalcom2 temperature= must be positive, got {self.temperature}")
         if self.compat not in ("official", "clean"):

@@ -12,8 +12,10 @@ attention), at two tower layers:
    after subtracting 1 from the score of every token already chosen.
 
 The kept tokens are returned in raster order. Defaults (official): ``alpha=0.1``,
-``object_layer=8`` (the official ``HIPRUNE_OBJECT_LAYER=9`` reads ``attentions[8]``, HF layer 8),
-``deep_layer=22`` (LLaVA-1.5's feature layer). Budgets in the paper: 192/128/64 for LLaVA-1.5,
+``object_layer="1/3"`` (the layer a third of the way up the tower, ``floor(L/3)``: layer 8 of
+CLIP-L's 24, where the official ``HIPRUNE_OBJECT_LAYER=9`` reads ``attentions[8]``; 1 of a
+4-layer tower, 10 of a 32-layer one), ``deep_layer="feature"`` (the layer whose output the model
+uses: LLaVA-1.5's 22). Layer forms: :mod:`vtc.taps.layers`. Budgets in the paper: 192/128/64 for LLaVA-1.5,
 640/320/160 for LLaVA-NeXT, split equally over the partitions (``int(k / P)``, ``per_partition=True``),
 with the ``spatial`` merge (no unpadding, no newline tokens: under ``compat="official"`` the
 operator declares ``newline_policy = "none"`` and ``sees_padding``; pass ``vtc.apply(...,
@@ -42,6 +44,7 @@ from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.budgets import PerPartition
 from vtc.ops.selection import descending_order, mask_from_order
 from vtc.registry import register
+from vtc.taps.layers import Layer, check_layer, sorted_layers
 from vtc.tokens import VisualTokens
 
 
@@ -50,13 +53,15 @@ class HiPruneConfig(SelectConfig):
     """See the module docstring for each argument."""
 
     alpha: float = 0.1
-    object_layer: int = 8
-    deep_layer: int = 22
+    object_layer: Layer = "1/3"
+    deep_layer: Layer = "feature"
     compat: Literal["official", "clean"] = "official"
     per_partition: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_layer(self.object_layer, "hiprune.object_layer")
+        check_layer(self.deep_layer, "hiprune.deep_layer")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"hiprune alpha is the share of the budget spent on anchors and buffers, in [0, 1], "
                               f"got {self.alpha}")
@@ -80,7 +85,7 @@ class HiPrune(PerPartition, Selector):
 
     @property
     def requires(self) -> dict[str, list[int]]:
-        return {"attn_received": sorted({self.config.object_layer, self.config.deep_layer})}
+        return {"attn_received": sorted_layers({self.config.object_layer, self.config.deep_layer})}
 
     def anchors(self, k: Tensor) -> Tensor:
         """``[B]`` anchor counts ``round(k * alpha / 5)`` (half to even), at most ``k // 5``."""

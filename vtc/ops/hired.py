@@ -12,8 +12,9 @@ region, and each crop keeps its own top tokens by its layer-``bottom_layer`` CLS
 Scores are ``signals["cls_attn"]`` (post-softmax, head-mean); the official code sums the 16 heads,
 which is 16 x the head-mean, so every ranking is the same. Stage ``vision``.
 
-Defaults (official scripts): ``ratio=0.2``, ``alpha=0.5``, ``top_layer=0`` (first CLIP layer),
-``bottom_layer=22`` (the layer whose output LLaVA uses). ``ratio=1`` disables the method (every
+Defaults (official scripts): ``ratio=0.2``, ``alpha=0.5``, ``top_layer=0`` (the first tower layer),
+``bottom_layer="feature"`` (the layer whose output the model uses: 22 on LLaVA's CLIP-L; layer
+forms: :mod:`vtc.taps.layers`). ``ratio=1`` disables the method (every
 token that survives the unpad is kept).
 
 ``compat="official"`` (default) reproduces the official code:
@@ -81,7 +82,7 @@ from vtc.ops.base import Allocator, OpConfig
 from vtc.ops.budgets import apportion
 from vtc.ops.selection import descending_order, keep_top, rank_mask
 from vtc.registry import register
-from vtc.taps.layers import Layer, sorted_layers
+from vtc.taps.layers import Layer, check_layer, sorted_layers
 from vtc.tokens import VisualTokens, checking_structure
 
 DEFAULT_RATIO = 0.2
@@ -95,7 +96,7 @@ class HiredConfig(OpConfig):
     keep: int | None = None
     alpha: float = 0.5
     top_layer: Layer = 0
-    bottom_layer: Layer = 22
+    bottom_layer: Layer = "feature"
     spatial_k: int | None = None
     compat: Literal["official", "clean"] = "official"
 
@@ -107,6 +108,8 @@ class HiredConfig(OpConfig):
             raise BudgetError(f"hired keep= is the total tokens per image and must be positive, got {self.keep}")
         if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
             raise BudgetError(f"hired ratio= must be in (0, 1], got {self.ratio}")
+        check_layer(self.top_layer, "hired.top_layer")
+        check_layer(self.bottom_layer, "hired.bottom_layer")
         if not (0.0 <= self.alpha <= 1.0):
             raise ConfigError(f"hired alpha= (the thumbnail's share of the budget) must be in [0, 1], got {self.alpha}")
         if self.spatial_k is not None and self.spatial_k < 0:

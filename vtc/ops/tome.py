@@ -18,8 +18,10 @@ back in position order when ``protect_cls`` is set, as ToMe does with a class to
 each one contains, and that index becomes the token's ``index`` (in official order a merged token's
 ``index`` is its destination's, ToMe's representative). ``protect_cls=True`` keeps the first token (a CLS token) from ever being merged
 away. ``metric``: ``"auto"`` (keys if recorded, else features), ``"keys"`` (required; the tap records
-them at ``layer``) or ``"x"``. Merged ``keys`` follow the size-weighted mean, so later steps match
-on the merged metric (as AIM does for merging outside a ViT).
+them at ``layer``, default ``"feature"``: the layer whose output the model uses) or ``"x"``; under
+``"auto"`` with no ``layer`` the keys of the highest recorded layer are used. Merged ``keys``
+follow the size-weighted mean, so later steps match on the merged metric (as AIM does for merging
+outside a ViT).
 
 Precision and ties: each step scores in the metric's dtype in ToMe's order of operations
 (``m / ||m||``, ``A @ Bᵀ``, row max, ``argsort(descending=True)``); in ``compat="official"`` the
@@ -46,9 +48,11 @@ from torch import Tensor
 from vtc.errors import BudgetError, SignalError
 from vtc.ops.base import SelectConfig, Selector
 from vtc.registry import register
-from vtc.taps.layers import Layer
+from vtc.taps.layers import Layer, check_layer
 from vtc.tokens import SIGNAL_MERGE_RULES, VisualTokens
 
+#: the layer of the keys ``metric="keys"`` matches on when no ``layer`` is given
+KEY_LAYER = "feature"
 _FIRST = "_tome_first_index"  # private signal: smallest original index inside each token
 SIGNAL_MERGE_RULES[_FIRST] = "min"
 
@@ -66,6 +70,8 @@ class ToMeConfig(SelectConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.layer is not None:
+            check_layer(self.layer, "tome.layer")
         if self.r is not None and self.r <= 0:
             raise BudgetError(f"tome r= is the number of merges per step and must be positive, got {self.r}")
 
@@ -210,7 +216,7 @@ class ToMe(Selector):
     @property
     def requires(self) -> dict[str, list[int]]:
         if self.config.metric == "keys":
-            return {"keys": [22 if self.config.layer is None else self.config.layer]}
+            return {"keys": [KEY_LAYER if self.config.layer is None else self.config.layer]}
         return {}
 
     int_budget = True
@@ -246,11 +252,12 @@ class ToMe(Selector):
             tokens, G = track_first(tokens)
         key_layer = None
         if cfg.metric != "x" and tokens.signals.get("keys"):
-            key_layer = cfg.layer if cfg.layer is not None else (22 if cfg.metric == "keys" else max(tokens.signals["keys"]))
+            key_layer = cfg.layer if cfg.layer is not None else (
+                KEY_LAYER if cfg.metric == "keys" else max(tokens.signals["keys"]))
             tokens.signal("keys", key_layer, op="operator 'tome'")  # SignalError if that layer is missing
         elif cfg.metric == "keys":
             raise SignalError(f"operator 'tome' with metric='keys' needs signal 'keys' at vision layer "
-                              f"{22 if cfg.layer is None else cfg.layer}; record it with a tap")
+                              f"{KEY_LAYER if cfg.layer is None else cfg.layer!r}; record it with a tap")
         one_step = cfg.keep is None and cfg.ratio is None and cfg.r is not None and tokens.budget is None
         stable = cfg.compat == "clean"
         if isinstance(k, int) and tokens.group is None:  # complete rows: a host schedule, no sync

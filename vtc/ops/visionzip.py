@@ -17,7 +17,8 @@ CVPR 2025). Stage ``vision``, on the feature layer's tokens, with the signals of
 Output per image (per partition, see below): ``[CLS, dominant (raster order), contextual (target
 order)]``. Budget: ``dominant=`` and ``contextual=`` per partition (the official arguments), or
 ``keep=``/``ratio=`` split as the paper's settings do (54+10, 108+20, 162+30: ``C = k*5//32``).
-Defaults follow the official ``layer=22`` (LLaVA-1.5's feature layer). ``size`` and additive
+Default ``layer="feature"``: the layer whose output the model uses (the official 22 on LLaVA-1.5's
+CLIP-L; layer forms: :mod:`vtc.taps.layers`). ``size`` and additive
 signals sum over a contextual token's members; ``index`` is the target's.
 
 The CLS token. The official output includes the tower's CLS token (its feature-layer hidden
@@ -54,6 +55,7 @@ from vtc.ops.base import SelectConfig, Selector
 from vtc.ops.budgets import PerPartition, partitions_per_image
 from vtc.ops.selection import descending_order, mask_from_order
 from vtc.registry import register
+from vtc.taps.layers import Layer, check_layer
 from vtc.tokens import VisualTokens
 
 #: ``index`` of a tower's CLS token handed to VisionZip in official mode
@@ -67,12 +69,13 @@ class VisionZipConfig(SelectConfig):
     dominant: int | None = None
     contextual: int | None = None
     signal: Literal["cls_attn", "attn_received"] = "cls_attn"
-    layer: int = 22
+    layer: Layer = "feature"
     compat: Literal["official", "clean"] = "official"
     per_partition: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_layer(self.layer, "visionzip.layer")
         explicit = (self.dominant is not None, self.contextual is not None)
         if any(explicit) and not all(explicit):
             raise BudgetError("visionzip takes dominant= and contextual= together (or keep=/ratio=)")
@@ -141,7 +144,7 @@ class VisionZip(PerPartition, Selector):
         is_cls = valid & (tokens.index == CLS_INDEX)
         patch = valid & ~is_cls
         if self.wants_cls_token:
-            if not bool(is_cls.any(1).all()):
+            if not bool((is_cls.any(1) | ~valid.any(1)).all()):  # every non-empty row holds its CLS token
                 raise SignalError(
                     "operator 'visionzip' with compat='official' includes the tower's CLS token, which the tokens do "
                     f"not hold: the integration must pass it as the first token (index {CLS_INDEX}) of each image or "

@@ -3,8 +3,8 @@
 :func:`adapter_for` returns the adapter of a model instance (the family whose transformers class
 is nearest in the model's class hierarchy), or raises :class:`~vtc.errors.UnsupportedModelError`
 listing the supported families. :func:`register_adapter` adds a family (a decorator on the
-adapter class); the built-in families are LLaVA-1.5, LLaVA-NeXT and Qwen VL (Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL). :func:`adapter_class_for_config` finds a family from a bare config's
+adapter class); the built-in families are LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision and Qwen VL (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL). :func:`adapter_class_for_config` finds a family from a bare config's
 ``model_type`` (the FLOPs of a checkpoint need only its config).
 """
 
@@ -28,7 +28,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def _builtin() -> None:
-    from vtc.integrations.adapters import llava, llava_next, qwen_vl  # noqa: F401 - they register themselves
+    from vtc.integrations.adapters import llava, llava_next, llava_onevision, qwen_vl  # noqa: F401 - they register themselves
 
 
 def families() -> list[tuple[str, tuple[str, ...]]]:

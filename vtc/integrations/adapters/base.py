@@ -210,10 +210,18 @@ class ModelAdapter(ABC):
         """The sizes the analytic FLOPs depend on (:class:`vtc.bench.flops.ModelShape`): a CLIP/SigLIP
         tower, a two-layer MLP projector over the feature layer(s), a Llama-style decoder."""
         from vtc.bench.flops import ModelShape, lm_shape, vision_shape
+        from vtc.errors import TapError
+        from vtc.taps.layers import hidden_state_layer
 
-        vision, lm = vision_shape(config.vision_config), lm_shape(config.text_config)
         layers = getattr(config, "vision_feature_layer", -2)
         n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
+        last = layers[-1] if isinstance(layers, (list, tuple)) else layers  # the layer "feature" names
+        try:
+            feature = hidden_state_layer(int(last), config.vision_config.num_hidden_layers)
+        except TapError:  # the embeddings: no layer's output (the taps' FLOPs then cannot resolve "feature")
+            feature = None
+        vision = vision_shape(config.vision_config, feature_layer=feature)
+        lm = lm_shape(config.text_config)
         return ModelShape(vision=vision, projector=((vision.hidden * n_layers, lm.hidden), (lm.hidden, lm.hidden)),
                           lm=lm)
 

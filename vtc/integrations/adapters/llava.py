@@ -5,21 +5,25 @@ The tower (a CLIP or SigLIP vision model) runs once per image; its feature-layer
 form one ``h x w`` grid (``Layout.grid``; 24x24 = 576 tokens for CLIP-L/336). Vision-stage
 operators see them with the tap's signals, the model's ``multi_modal_projector`` maps what they
 keep to the language model's width, llm-stage operators follow (:mod:`vtc.integrations.stages`).
-Each ``<image>`` placeholder run in ``input_ids`` holds ``h*w`` tokens; positions are 1-D.
+Each ``<image>`` placeholder run in ``input_ids`` holds ``h*w`` tokens; positions are 1-D. An
+operator that keeps the tower's CLS token (VisionZip official) gets it as the first token of each
+image (:mod:`vtc.integrations.cls_token`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from vtc.errors import InputError
+from vtc.integrations import cls_token
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded, ModelAdapter
 from vtc.integrations.signals import open_tap, tokens_from
 from vtc.integrations.stages import replaces_projector, run_stages
-from vtc.integrations.towers import feature_tokens
+from vtc.integrations.towers import feature_tokens, hidden_states, prefix_tokens
 from vtc.tokens import Layout
 
 __all__ = ["LlavaAdapter"]
@@ -31,6 +35,8 @@ class LlavaAdapter(ModelAdapter):
     class_names = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
     supports_llm_layer = True
+    #: whether this family hands a CLIP tower's CLS token to an operator that keeps it (VisionZip official)
+    hands_cls_token: ClassVar[bool] = True
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -43,6 +49,9 @@ class LlavaAdapter(ModelAdapter):
         replaces_projector(pipeline)  # a misplaced projector-replacing operator fails here, not at the first call
         self.has_vision_ops = any(op.stage == "vision" for op in pipeline)
         self.requires = pipeline.requires
+        has_cls = (self.hands_cls_token and prefix_tokens(self.vision_tower) == 1
+                   and self.config.vision_feature_select_strategy == "default")
+        self.cls_token = cls_token.wanted(pipeline, self.family, has_cls)
         self.tap = open_tap(self.vision_tower, self.requires, who=f"the pipeline {pipeline}",
                             feature_layer=self.feature_layer())
         if self.tap is not None:
@@ -65,20 +74,28 @@ class LlavaAdapter(ModelAdapter):
         layer = cfg.vision_feature_layer if layer is None else layer
         return layer, kw.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
 
-    def features(self, pixel_values: Tensor, kw: dict[str, Any]) -> Tensor:
-        """Feature-layer patch tokens ``[images, N, D]``; the tap (attached until remove()) records this
-        forward's signals."""
+    def features(self, pixel_values: Tensor, kw: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Feature-layer patch tokens ``[images, N, D]``, and the CLS token's ``[images, D]`` when the
+        pipeline takes it (else None); the tap (attached until remove()) records this forward's signals."""
         layer, strategy = self.feature_selection(kw)
-        return feature_tokens(self.vision_tower, pixel_values, layer, 1 if strategy == "default" else 0)
+        if not self.cls_token:
+            return feature_tokens(self.vision_tower, pixel_values, layer, 1 if strategy == "default" else 0), None
+        if strategy != "default":
+            raise InputError(f"the pipeline keeps the tower's CLS token, which vision_feature_select_strategy "
+                             f"{strategy!r} does not separate from the patches; call with 'default'")
+        hs = hidden_states(self.vision_tower, pixel_values, layer)
+        return torch.cat([h[:, 1:] for h in hs], -1), torch.cat([h[:, 0] for h in hs], -1)
 
     def encode(self, kw: dict[str, Any]) -> Encoded:
         pixel_values = kw["pixel_values"]
         if pixel_values.dim() != 4:
             raise InputError(f"LLaVA pixel_values must be [images, 3, H, W], got {tuple(pixel_values.shape)}")
         h, w = self.grid
-        feats = self.features(pixel_values, kw)
+        feats, cls = self.features(pixel_values, kw)
         n = feats.shape[1]
         layout = Layout.grid(h, w) if n == h * w else None
         tokens = tokens_from(feats, self.tap, self.requires, layout)
+        if cls is not None:
+            tokens = cls_token.insert(tokens, cls.unsqueeze(1))
         out = run_stages(self.pipeline, tokens, self.projector, out_dim=self.text_width)
         return Encoded(out, [n] * feats.shape[0])

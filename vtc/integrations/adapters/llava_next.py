@@ -8,8 +8,10 @@ concatenated (``index = p*h*w + raster``, ``group = p``, ``Layout.for_anyres``;
 dropped before the first operator unless it asks to see them (``padding=`` option). After the
 operators the kept tokens are assembled into LLaVA-NeXT's sequence (base, unpadded crop grid,
 ``image_newline`` per row; :func:`vtc.integrations.anyres.assemble`), before the first llm-stage
-operator that works on the assembled sequence or at the end (``llm_view=``). Geometry:
-:mod:`vtc.geometry`; options: :mod:`vtc.integrations.options`.
+operator that works on the assembled sequence or at the end (``llm_view=``). An operator that keeps
+the tower's CLS token (VisionZip official) gets each partition's as the partition's first token
+(:mod:`vtc.integrations.cls_token`); the assembly puts the crops' CLS tokens after the crop grid.
+Geometry: :mod:`vtc.geometry`; options: :mod:`vtc.integrations.options`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from vtc.errors import InputError, UnsupportedModelError
 from vtc.geometry import Layout, drop_padding, stock_length
-from vtc.integrations import anyres
+from vtc.integrations import anyres, cls_token
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded
 from vtc.integrations.adapters.llava import LlavaAdapter
@@ -63,17 +65,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, kw: dict[str, Any]) -> Encoded:
         h, w = self.grid
         sizes, parts, layouts = self.layouts(kw.get("image_sizes"))
-        pixel_values = kw["pixel_values"]
-        if pixel_values.dim() == 5:
-            keep = torch.arange(pixel_values.shape[1], device=pixel_values.device).unsqueeze(0) < torch.tensor(
-                parts, device=pixel_values.device).unsqueeze(1)
-            pixel_values = pixel_values[keep]
-        elif pixel_values.dim() != 4:
-            raise InputError(f"LLaVA-NeXT pixel_values must be 4- or 5-dimensional, got {tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] != sum(parts):
-            raise InputError(
-                f"pixel_values hold {pixel_values.shape[0]} crops but image_sizes {sizes} need {sum(parts)}")
-        feats = self.features(pixel_values, kw)
+        pixel_values = anyres.partition_pixels(kw["pixel_values"], parts, "LLaVA-NeXT")
+        feats, cls = self.features(pixel_values, kw)
         if feats.shape[1] != h * w:
             raise UnsupportedModelError(
                 f"LLaVA-NeXT crops give {feats.shape[1]} feature tokens, not the {h}x{w} patch grid; vtc needs "
@@ -82,9 +75,14 @@ class LlavaNextAdapter(LlavaAdapter):
         projected = not self.has_vision_ops
         if projected:  # project exactly as stock does, partition by partition
             flat = flat.replace(x=self.projector(flat.x))
+            cls = None if cls is None else self.projector(cls)
         tokens = anyres.group_partitions(flat, parts, layouts)
         if self.drop_padding:
             tokens = drop_padding(tokens)
+        if cls is not None:  # [partition rows, D] -> [images, partitions, D]
+            start = torch.cumsum(torch.tensor([0, *parts[:-1]]), 0).unsqueeze(1)
+            rows = (start + torch.arange(max(parts))).clamp_max(len(cls) - 1).to(cls.device)
+            tokens = cls_token.insert(tokens, cls[rows], parts)
         newline = self.inner.image_newline
 
         def assemble(t: VisualTokens) -> VisualTokens:

@@ -127,7 +127,7 @@ class QwenVLAdapter(ModelAdapter):
         vision = VisionShape(
             layers=vc.depth, hidden=width, intermediate=inter, image_size=0, patch_size=vc.patch_size,
             channels=vc.in_channels, cls_token=False, temporal_patch=vc.temporal_patch_size, gated_mlp=gated,
-            merge=m, window=window, full_attention_layers=full)
+            merge=m, window=window, full_attention_layers=full, heads=vc.num_heads, feature_layer=vc.depth - 1)
         mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", ()) or ())
         merger = ((width * m * m, width * m * m), (width * m * m, out))
         return ModelShape(vision=vision, projector=merger * mergers, lm=lm_shape(config.text_config))
