@@ -215,7 +215,24 @@ def test_beam_search_equals_each_sample_alone(models, photos):
             assert torch.equal(beams[b, L:], mine[0, one["input_ids"].shape[1]:])
 
 
-# ---------------------------------------------------------------------------------------- the Qwen family
+# ---------------------------------------------------------------------------------------- the other families
+def _no_op_batch_and_cache(model, batch, alone, spec, layer_visual):
+    """Keep-all generates as stock; with ``spec`` the per-layer counts are ``layer_visual(n)`` for each
+    row's ``n`` visual tokens, cached equals uncached, and the batch equals each sample alone."""
+    L = batch["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False)
+    ref = model.generate(**batch, **kw)
+    with vtc.apply(model, "fastv:R=0"):
+        assert torch.equal(model.generate(**batch, **kw), ref)
+    with vtc.apply(model, spec) as h:
+        gen = model.generate(**batch, **kw)
+        n = h.last.counts
+        assert h.last.extra["layer_visual"] == [layer_visual(c) for c in n] and n[0] != n[1]
+        assert torch.equal(gen, model.generate(**batch, **kw, use_cache=False))
+        for b, one in enumerate(alone):
+            assert torch.equal(gen[b, L:], model.generate(**one, **kw)[0, one["input_ids"].shape[1]:])
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 @torch.no_grad()
 def test_qwen2_and_qwen3_batch_cache_and_no_op(qwen_images, family):
@@ -223,18 +240,8 @@ def test_qwen2_and_qwen3_batch_cache_and_no_op(qwen_images, family):
 
     model, proc = getattr(R, f"random_{family}")(text_layers=4)
     batch, alone = _inputs(family, proc, qwen_images, 2, None)
-    L = batch["input_ids"].shape[1]
-    kw = dict(max_new_tokens=3, do_sample=False)
-    ref = model.generate(**batch, **kw)
-    with vtc.apply(model, "fastv:R=0"):
-        assert torch.equal(model.generate(**batch, **kw), ref)
-    with vtc.apply(model, "fastv:K=1,R=0.5 | pdrop:layers=[2],ratios=[0.2]") as h:
-        gen = model.generate(**batch, **kw)
-        assert torch.equal(gen, model.generate(**batch, **kw, use_cache=False))
-        n = h.last.counts
-        assert h.last.extra["layer_visual"] == [[c, c // 2, c // 2, int(c * 0.2)] for c in n]
-        for b, one in enumerate(alone):
-            assert torch.equal(gen[b, L:], model.generate(**one, **kw)[0, one["input_ids"].shape[1]:])
+    _no_op_batch_and_cache(model, batch, alone, "fastv:K=1,R=0.5 | pdrop:layers=[2],ratios=[0.2]",
+                           lambda c: [c, c // 2, c // 2, int(c * 0.2)])
 
 
 @torch.no_grad()
@@ -327,15 +334,4 @@ def test_llava_onevision_batch_cache_and_no_op(photos):
 
     model, proc = random_llava_onevision(text_layers=4, patch_size=8)
     batch, alone = _inputs("llava_onevision", proc, None, 2, photos)
-    L = batch["input_ids"].shape[1]
-    kw = dict(max_new_tokens=3, do_sample=False)
-    ref = model.generate(**batch, **kw)
-    with vtc.apply(model, "fastv:R=0"):
-        assert torch.equal(model.generate(**batch, **kw), ref)
-    with vtc.apply(model, "pdrop") as h:
-        gen = model.generate(**batch, **kw)
-        n = h.last.counts
-        assert h.last.extra["layer_visual"] == [[c, c, c // 2, c // 4] for c in n] and n[0] != n[1]
-        assert torch.equal(gen, model.generate(**batch, **kw, use_cache=False))
-        for b, one in enumerate(alone):
-            assert torch.equal(gen[b, L:], model.generate(**one, **kw)[0, one["input_ids"].shape[1]:])
+    _no_op_batch_and_cache(model, batch, alone, "pdrop", lambda c: [c, c, c // 2, c // 4])
