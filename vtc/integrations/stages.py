@@ -8,7 +8,7 @@ tokens. An operator with ``replaces_projector`` (MQT) is the projector: when one
 vision stage the model's projector is skipped. A tower that already projects (Qwen VL's patch
 merger) passes no projector: every operator then runs, in pipeline order, on its LLM-width tokens.
 An optional ``assemble`` step (LLaVA-NeXT's AnyRes assembly) runs before operator ``assemble_at``
-or at the end.
+or at the end. ``llm_layer`` operators (always last) are not run here: they run inside the decoder.
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def run_stages(
         i = 0
     assembled = False
     for j in range(i, n):
+        if ops[j].stage == "llm_layer":  # runs inside the decoder (vtc.integrations.llm_layer)
+            break
         if j == at and assemble is not None:
             tokens = assemble(tokens)
             assembled = True
