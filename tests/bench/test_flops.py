@@ -255,3 +255,32 @@ def test_fastv_formula_with_in_llm_pruning_and_equivalent_tokens():
     assert pd["equivalent_tokens"] == (9 * 576 + 8 * 288 + 8 * 144 + 7 * 72) / 32
     with pytest.raises(vtc.VtcError, match="32 layers"):
         F.prefill_flops(lm, 10, 1, [10] * 4)
+
+
+@pytest.mark.parametrize("spec", ["fastv:K=1,R=0.75", "tome:keep=288 | pdrop:layers=[0,1,2],ratios=[0.5,0.25,0.125]"])
+def test_in_llm_pruning_through_vtc_apply_matches_flop_counter(spec):
+    """A real vtc.apply prefill (tiny random LLaVA, 4-layer decoder, eager attention so FlopCounterMode
+    sees it) costs what estimate() says with the per-layer visual counts the integration measured:
+    tower, projector, the operators' attention rows and each decoder layer at its own token count."""
+    from PIL import Image
+
+    from vtc.models.random import random_llava
+
+    model, proc = random_llava(vision_layers=2, text_layers=4)
+    model.set_attn_implementation("eager")
+    inputs = proc(images=[Image.new("RGB", (64, 64), (10, 200, 30))], text=["USER: <image>\nwhat color ASSISTANT:"],
+                  return_tensors="pt")
+    pipe = vtc.build(spec)
+    with vtc.apply(model, pipe) as h:
+        fc = _counted(lambda: model(**inputs, logits_to_keep=1))
+    measured = h.last.extra["layer_visual"][0]
+    shape = F.ModelShape.from_config(model.config)
+    text = inputs["input_ids"].shape[1] - 576
+    est = F.estimate(shape, text_tokens=text, kept_tokens=h.last.counts[0], new_tokens=1, pipeline=pipe,
+                     layer_visual=measured)
+    assert measured == F.layer_visual_counts(pipe, h.last.counts[0], 4) and measured[-1] < measured[0]
+    in_llm = sum(F.layer_op_flops(op, shape.lm, text, measured[layer])
+                 for layer, ops in pipe.layer_schedule(4).items() for op in ops)
+    assert in_llm > 0 and (est["ops"] > in_llm) == spec.startswith("tome")  # ToMe's matching counts too
+    assert est["total"] == pytest.approx(fc.get_total_flops(), rel=0.01)
+    assert est["prefill"] < F.prefill_flops(shape.lm, text + h.last.counts[0])

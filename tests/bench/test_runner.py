@@ -274,3 +274,26 @@ def test_bad_batch_size_and_limit_fail_before_a_model_loads(tmp_path, jsonl_task
     assert main(["bench", str(cfg), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vtc bench: error: ") and match in err and "Traceback" not in err
+
+
+def test_in_llm_pruning_is_counted_per_layer_as_measured(tmp_path, jsonl_task):
+    """fastv inside the 2-layer decoder of the tiny random LLaVA: every row's FLOPs count layer 0 at
+    576 visual tokens and layer 1 at the 144 the integration measured, and the report shows the
+    layer-average "equivalent tokens" next to the 576 tokens at the LLM input."""
+    from vtc.bench.attach import Attachment
+
+    out = tmp_path / "run"
+    pipes = [{"name": "fastv", "pipeline": "fastv:K=1,R=0.75", "budgets": None}]
+    run(load_config(tiny_config(jsonl_task, out, pipelines=pipes)), progress=False)
+    base = {r["qid"]: r for r in _rows(out, "baseline") if not r["error"]}
+    rows = [r for r in _rows(out, "fastv") if not r["error"]]
+    assert rows
+    for r in rows:
+        f = r["flops"]
+        assert r["kept_tokens"] == 576 and f["layer_visual"] == [576, 144] and f["equivalent_tokens"] == 360
+        assert f["prefill"] < base[r["qid"]]["flops"]["prefill"] and f["fastv_compat"] < base[r["qid"]]["flops"]["fastv_compat"]
+    report = (out / "report.md").read_text()
+    assert "equiv. tokens" in report and "| 360.0 |" in report
+    handle = types.SimpleNamespace(last=types.SimpleNamespace(counts=[9], extra={"layer_visual": [[9, 3]]}))
+    assert Attachment(pipeline=None, handle=handle, applied=True).layer_visual() == [[9, 3]]
+    assert Attachment(pipeline=None, handle=types.SimpleNamespace(last=None), applied=True).layer_visual() is None

@@ -100,9 +100,11 @@ def test_an_unknown_position_mode_is_refused_by_the_family(models):
         vtc.apply(models["llava"], "pool:keep=16", position_ids="packed")
 
 
-def test_in_llm_operators_are_refused_where_the_family_does_not_run_them(models):
+def test_in_llm_operators_are_refused_where_the_family_does_not_run_them(models, monkeypatch):
     import vtc
+    from vtc.integrations.adapters.llava import LlavaAdapter
 
+    monkeypatch.setattr(LlavaAdapter, "supports_llm_layer", False)  # a family without the in-LLM stage
     with pytest.raises(ConfigError, match="fastv runs inside the language model"):
         vtc.apply(models["llava"], "divprune:keep=64 | fastv")
     assert "forward" not in models["llava"].__dict__

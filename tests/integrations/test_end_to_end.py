@@ -21,11 +21,16 @@ from vtc.registry import get_op
 #: (operator, model kind or "*") -> why it is not run end to end
 SKIP: dict[tuple[str, str], str] = {
     ("mqt", "llava_next"): "MQT-LLaVA is a LLaVA-1.5 method (one partition); see test_mqt_refuses_anyres_crops",
-    **{(name, "*"): "runs inside the language model: the llm_layer integration is not built yet"
-       for name in vtc.list_ops() if get_op(name).default_stage == "llm_layer"},
 }
 #: operator arguments used here besides the budget: name -> kwargs
-ARGS: dict[str, dict] = {}
+ARGS: dict[str, dict] = {
+    # in-LLM operators on the models' 2-layer decoders
+    "fastv": {"K": 1},
+    "pdrop": {"layers": [0, 1], "ratios": [0.5, 0.25]},
+    "aim": {"start": 0, "step": 0.5},
+    "sparsevlm": {"layers": [0, 1], "counts": [20, 10]},
+    "router": {"dim": 64, "layers": [0]},
+}
 
 BUDGET = 36
 
@@ -68,7 +73,10 @@ def test_every_operator_generates_from_a_real_photo(models, photos, name, kind):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, :L], inputs["input_ids"])
     assert L < out.shape[1] <= L + 3
-    assert 0 < h.last.counts[0] < h.last.stock_counts[0]
+    if op.stage == "llm_layer":  # the LLM gets every token and drops some after its first layer
+        assert h.last.counts == h.last.stock_counts and 0 < h.last.extra["layer_visual"][0][-1] < h.last.counts[0]
+    else:
+        assert 0 < h.last.counts[0] < h.last.stock_counts[0]
     sent = h.last.tokens.x[0, : h.last.counts[0]]
     assert torch.isfinite(sent).all()
     assert "forward" not in model.__dict__

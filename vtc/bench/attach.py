@@ -54,6 +54,14 @@ class Attachment:
         return None
 
 
+    def layer_visual(self) -> list[list[int]] | None:
+        """Per row of the last prefill, the visual tokens each decoder layer processed, as the in-LLM
+        stage measured them (``handle.last.extra["layer_visual"]``); None without in-LLM operators."""
+        last = getattr(self.handle, "last", None)
+        counts = (getattr(last, "extra", None) or {}).get("layer_visual")
+        return None if counts is None else [[int(v) for v in row] for row in counts]
+
+
 _warned: set[str] = set()
 
 

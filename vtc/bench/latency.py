@@ -3,7 +3,8 @@
 :func:`profile` times one batch of prepared inputs through ``model.generate``:
 
 - ``vision``, ``projector``, ``operators`` and ``prefill``: forward hooks around the vision tower,
-  the multimodal projector, each pipeline operator, and the language model's prefill call;
+  the multimodal projector, each pipeline operator, and the language model's prefill call (in-LLM
+  operators run inside the prefill: their time counts in ``prefill`` and again in ``operators``);
 - ``ttft``: time to first token, a whole ``generate(max_new_tokens=1)``;
 - ``tpot``: time per output token, the mean duration of the model's forward calls after the
   first in a ``generate`` of exactly ``G`` tokens (``min_new_tokens=G``), i.e. the decode steps.

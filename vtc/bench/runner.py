@@ -22,7 +22,9 @@ real question on its model, so a pipeline that cannot run on a model's inputs (`
 At the end rank 0 writes the report (:mod:`vtc.bench.report`). A row holds the prediction, its
 score, the visual tokens before and after compression, the text and generated token counts, the
 batch's wall time (and the per-question share), the analytic FLOPs per stage
-(:mod:`vtc.bench.flops`), the cell hash and the environment (device, dtype, attention, versions).
+(:mod:`vtc.bench.flops`; with in-LLM operators each decoder layer counted at the visual tokens the
+integration measured it processing, and the layer-average "equivalent tokens"), the cell hash and
+the environment (device, dtype, attention, versions).
 """
 
 from __future__ import annotations
@@ -387,6 +389,9 @@ class Runner:
         preds = state.processor.batch_decode(new, skip_special_tokens=True)
         n_new = self._generated_lengths(new, state)
         kept = att.kept_tokens() if att.applied else None
+        layer_visual = att.layer_visual() if att.applied else None
+        if layer_visual is not None and len(layer_visual) != len(qs):
+            layer_visual = None
         if kept is None or len(kept) != len(qs):
             lengths = counter.lengths or [int(v) for v in mask.sum(1).tolist()]
             kept = [int(lengths[i]) - int(text[i]) for i in range(len(qs))]
@@ -405,7 +410,8 @@ class Runner:
             vis_in = None if use_pipe is None or use_pipe.has_stage("vision") else int(visual[i])
             row["flops"] = estimate(state.shape, text_tokens=int(text[i]), kept_tokens=int(kept[i]),
                                     new_tokens=int(n_new[i]), grids=grids[i], pipeline=use_pipe,
-                                    visual_tokens=vis_in, dtype_bytes=torch.finfo(state.dtype).bits // 8)
+                                    visual_tokens=vis_in, dtype_bytes=torch.finfo(state.dtype).bits // 8,
+                                    layer_visual=None if layer_visual is None else layer_visual[i])
 
     def _grids(self, inputs: dict[str, Any], state: _ModelState) -> list[list[tuple[int, int]]]:
         """Per question, the patch grid of each vision-tower pass (the model's adapter knows them)."""

@@ -7,18 +7,20 @@ hooks are what they were. The handle is a context manager (``with vtc.apply(mode
 and records what the latest compressed forward did in :attr:`Handle.last`.
 
 ``copy.deepcopy`` of a model with an active handle gives a copy with its own compression: the copy
-is made of the model as it was before ``vtc.apply`` (without the wrapped ``forward``, the
-attributes the integration set and the hooks it added to any of the model's modules), and
-``vtc.apply`` then attaches a deep copy of the pipeline, with the same options, to the copy. The
+is made of the model as it was before ``vtc.apply`` (for the length of the copy, the wrapped
+``forward``, the attributes the integration set and the hooks it added to any of the model's
+modules are taken out, then put back as they were), and ``vtc.apply`` then attaches a deep copy of
+the pipeline, with the same options, to the copy. The
 copy's handle (:func:`handle_of`) is its own: removing either handle leaves the other model
 compressed, and changing the copy's weights changes only the copy's outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,35 +124,44 @@ class Handle:
     def _deepcopy(self, memo: dict[int, Any]) -> Any:
         from vtc.integrations import apply
 
-        model = self.model
-        clone = type(model).__new__(type(model))
-        memo[id(model)] = clone
-        ours = {id(obj): {} for obj, _, _ in self._attrs}
-        for obj, name, before in self._attrs:  # the earliest value recorded is the one before vtc
-            ours[id(obj)].setdefault(name, before)
-        state = dict(model.__getstate__())
-        for name, before in ours.get(id(model), {}).items():
-            if before is _MISSING:
-                state.pop(name, None)
-            else:
-                state[name] = before
-        clone.__setstate__(copy.deepcopy(state, memo))
-        for obj, _, _ in self._attrs:  # attributes set on the model's other objects (its modules, config)
-            twin = memo.get(id(obj))
-            if twin is None or obj is model:
-                continue
-            for name, before in ours[id(obj)].items():
-                if before is _MISSING:
-                    twin.__dict__.pop(name, None)
-                else:
-                    twin.__dict__[name] = copy.deepcopy(before, memo)
-        for module, table, key in self._hooks:
-            twin = memo.get(id(module))
-            if twin is not None:
-                twin.__dict__[table].pop(key, None)
+        with self._suspended():  # the model exactly as before vtc.apply, for the length of the copy
+            clone = copy.deepcopy(self.model, memo)
         options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
         apply(clone, copy.deepcopy(self.pipeline, memo), **options)
         return clone
+
+    @contextlib.contextmanager
+    def _suspended(self) -> Iterator[None]:
+        """Take out every attribute and hook the integration added (the earliest value recorded for an
+        attribute is the one before vtc), then put back exactly what was there, hook order included."""
+        saved_attrs = {}
+        for obj, name, before in self._attrs:
+            key = (id(obj), name)
+            if key not in saved_attrs:
+                saved_attrs[key] = (obj, name, obj.__dict__.get(name, _MISSING), before)
+        tables = {(id(m), t): (m, t) for m, t, _ in self._hooks}
+        saved_tables = {key: list(m.__dict__[t].items()) for key, (m, t) in tables.items()}
+        ours = {(id(m), t, k) for m, t, k in self._hooks}
+        try:
+            for obj, name, _, before in saved_attrs.values():
+                if before is _MISSING:
+                    obj.__dict__.pop(name, None)
+                else:
+                    obj.__dict__[name] = before
+            for key, (m, t) in tables.items():
+                for k in [k for k in m.__dict__[t] if (key[0], t, k) in ours]:
+                    del m.__dict__[t][k]
+            yield
+        finally:
+            for obj, name, now, _ in saved_attrs.values():
+                if now is _MISSING:
+                    obj.__dict__.pop(name, None)
+                else:
+                    obj.__dict__[name] = now
+            for key, (m, t) in tables.items():
+                d = m.__dict__[t]
+                d.clear()
+                d.update(saved_tables[key])
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:

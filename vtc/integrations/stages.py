@@ -8,7 +8,7 @@ tokens. An operator with ``replaces_projector`` (MQT) is the projector: when one
 vision stage the model's projector is skipped. A tower that already projects (Qwen VL's patch
 merger) passes no projector: every operator then runs, in pipeline order, on its LLM-width tokens.
 An optional ``assemble`` step (LLaVA-NeXT's AnyRes assembly) runs before operator ``assemble_at``
-or at the end.
+or at the end. ``llm_layer`` operators (always last) are not run here: they run inside the decoder.
 
 Validation happens once: each stage's input is checked where it enters (``Pipeline.check_input``:
 features, the signals that stage's operators read, sizes; one host sync) and the operators run
@@ -91,13 +91,13 @@ def _stages(pipeline: Pipeline, tokens: VisualTokens, projector: Callable[[Tenso
         raise ConfigError("projected tokens cannot go through vision-stage operators")
     assembled = False
     for j in range(i, n):
+        if ops[j].stage == "llm_layer":  # runs inside the decoder (vtc.integrations.llm_layer)
+            break
         if j == at and assemble is not None:
             tokens = assemble(tokens)
             assembled = True
         if j == i and ops[j].stage == "llm" and not fast:
             pipeline.check_input(tokens, "llm")
-        if ops[j].stage == "llm_layer":
-            continue  # runs inside the language model
         tokens = pipeline.run_op(j, tokens, fast=fast)
     if assemble is not None and not assembled:
         tokens = assemble(tokens)

@@ -10,7 +10,9 @@ position ids; the language model, its masks, cache and loss are stock. Decoding 
 continue a compacted KV cache (``generate()``'s later steps, or a user's loop) get their attention
 mask mapped onto the cache and their position ids from the adapter, so ``generate()`` returns what
 stock returns: the original prompt ids followed by the new tokens. A forward's logits are over the
-compacted sequence; ``handle.last.positions`` maps them back. The wrapper's signature hides
+compacted sequence; ``handle.last.positions`` maps them back. A pipeline with ``llm_layer``
+operators also gets a :class:`~vtc.integrations.llm_layer.LayerStage` (hooks inside the decoder),
+told of every prefill (with how many leading columns are the prompt) and decoding step. The wrapper's signature hides
 ``mm_encoder_outputs``, so ``generate()`` does not pre-encode images with the stock
 ``get_image_features`` but hands ``pixel_values`` to the wrapped forward; pre-encoded image
 features reaching the wrapper raise an error instead of going uncompressed. Releases that still
@@ -27,12 +29,14 @@ import weakref
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vtc.errors import InputError
 from vtc.integrations import compaction
 from vtc.integrations.adapters.base import ModelAdapter
 from vtc.integrations.handle import Compressed, Handle
 from vtc.integrations.kv_cache import cache_in, cache_length, cache_out
+from vtc.integrations.llm_layer import LayerStage
 from vtc.integrations.options import ApplyOptions
 from vtc.pipeline import Pipeline
 
@@ -44,10 +48,26 @@ _MARK = "__vtc_handle__"
 class _Wrapped:
     """The per-instance state behind the wrapped forward."""
 
-    def __init__(self, adapter: ModelAdapter, handle: Handle) -> None:
+    def __init__(self, adapter: ModelAdapter, handle: Handle, stage: LayerStage | None = None) -> None:
         self.adapter = adapter
         self.handle = handle
+        self.stage = stage
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.prompt: tuple[Any, Tensor] | None = None  # the last prompt's (pixel_values ref, input_ids)
+
+    def prompt_columns(self, kw: dict[str, Any], input_ids: Tensor) -> int:
+        """How many leading columns of ``input_ids`` are the prompt: fewer than all when this call
+        repeats the last prompt's ``pixel_values`` tensor and extends its ``input_ids`` (a step of
+        ``generate(use_cache=False)``), so in-LLM operators decide on the prompt alone."""
+        pv = kw.get("pixel_values")
+        if self.prompt is not None:
+            ref, ids = self.prompt
+            n = ids.shape[1]
+            if (ref() is pv and input_ids.shape[0] == ids.shape[0] and input_ids.shape[1] > n
+                    and torch.equal(input_ids[:, :n], ids)):
+                return n
+        self.prompt = (weakref.ref(pv), input_ids.clone())
+        return input_ids.shape[1]
 
     def prefill(self, original: Any, kw: dict[str, Any]) -> Any:
         ad = self.adapter
@@ -63,6 +83,8 @@ class _Wrapped:
         mask = kw.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise InputError(f"vtc.apply needs a 2-D attention_mask [batch, length], got {tuple(mask.shape)}")
+        stage = self.stage
+        generated = input_ids.shape[1] - self.prompt_columns(kw, input_ids) if stage is not None else 0
         encoded = ad.encode(kw)
         tokens = encoded.tokens
         counts = tokens.counts if tokens.mask is not None else [tokens.num_tokens] * tokens.batch_size
@@ -84,17 +106,24 @@ class _Wrapped:
         position_ids = ad.prefill_positions(kw, plan, encoded)
         if position_ids is not None:
             call["position_ids"] = position_ids
-        out = original(**call)
-        if plan.changed or ad.tracks_every_prefill:
+        if stage is None:
+            out = original(**call)
+        else:
+            with stage.prefill(ids, call.get("attention_mask"), ids.shape[1] - generated, cache_in(call)):
+                out = original(**call)
+        if plan.changed or ad.tracks_every_prefill or stage is not None:
             new_cache = cache_out(out)
             if new_cache is not None:
                 self.states[new_cache] = ad.decode_state(kw, plan, call, encoded)
+                if stage is not None:
+                    stage.remember(new_cache)
         ad.report_features(out, encoded)
         self.handle.last = Compressed(
             counts=list(plan.kept), stock_counts=list(encoded.stock),
             index=[tokens.index[i, :k] for i, k in enumerate(plan.kept)],
             num_patches=[lay.num_tokens if lay is not None else int(tokens.num_tokens) for lay in tokens.layouts()],
             positions=positions, tokens=tokens.replace(x=tokens.x.detach()),
+            extra=stage.report() if stage is not None else {},
         )
         return out
 
@@ -111,6 +140,9 @@ class _Wrapped:
         call["position_ids"] = self.adapter.decode_positions(state, kw.get("position_ids"), cache_len, q, x.device)
         if kw.get("cache_position") is not None:
             call["cache_position"] = torch.arange(cache_len, cache_len + q, device=kw["cache_position"].device)
+        if self.stage is not None:
+            with self.stage.decode(cache, call["attention_mask"]):
+                return original(**call)
         return original(**call)
 
     def __call__(self, original: Any, signature: inspect.Signature, args: tuple, kwargs: dict) -> Any:
@@ -144,7 +176,8 @@ def attach(model: Any, adapter: ModelAdapter, pipeline: Pipeline, options: Apply
         if any(True for _ in pipeline.parameters()):
             pipeline.to(model.device)
         adapter.bind(pipeline, options, handle)
-        wrapped = _Wrapped(adapter, handle)
+        stage = LayerStage(adapter, pipeline, handle) if pipeline.has_stage("llm_layer") else None
+        wrapped = _Wrapped(adapter, handle, stage)
         original = model.forward  # bound method (or a user's instance attribute)
         signature = inspect.signature(original)
 

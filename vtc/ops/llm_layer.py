@@ -24,7 +24,8 @@ float32. The model keeps its fused attention (SDPA, FlashAttention); nothing nee
 A learned scorer (p-MoD / ATP-LLaVA style routers) is just another :class:`LayerOperator` that
 reads ``ctx.hidden`` and sets ``needs_attention = False`` (:mod:`vtc.ops.router`).
 
-For the model integration the whole contract is, at prefill:
+For the model integration (:mod:`vtc.integrations.llm_layer` implements it for every adapter) the
+whole contract is, at prefill:
 
 1. ``schedule = pipeline.layer_schedule(num_layers)``; one ``state = {}`` per operator;
 2. in the attention call of each scheduled layer where some operator ``needs_attention``, keep

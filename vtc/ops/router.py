@@ -15,8 +15,10 @@ layer ``l`` bypasses only that layer (its delta scaled by ``0.2 * tanh(logit) + 
 processed again at ``l + 1``. That needs one more integration mode (run a layer on a subset and
 pass the rest through), not a different operator contract: the router and the keep rule stay.
 This module carries no trained weights. Training one on the embedded tiny-llava (4 decoder
-layers of width 128, 576 visual tokens) takes: (1) the llm_layer integration, so the router runs in
-the model's forward; (2) a differentiable path to the router, since a top-k keep has no gradient:
+layers of width 128, 576 visual tokens) takes: (1) the router in the model's forward, which
+``vtc.apply`` already gives (:mod:`vtc.integrations.llm_layer` calls it after its layers with that
+layer's hidden states, like any in-LLM operator; the kept tokens' hidden states are gathered, so
+gradients reach the layers, but not the router through its top-k); (2) a differentiable path to the router, since a top-k keep has no gradient:
 p-MoD's (the kept tokens' layer delta scaled by ``0.2 * tanh(logit) + 1``, which needs the
 "process a subset" mode above), or a straight-through / Gumbel top-k, or, cheapest, distillation:
 regress the router's logits on the uncompressed model's attention-derived importance (the last

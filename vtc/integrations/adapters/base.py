@@ -167,6 +167,12 @@ class ModelAdapter(ABC):
         model before these layers must remove the same rows of those features."""
         return 0
 
+    def follow_layer_drops(self, stage: Any, handle: Handle) -> None:
+        """Make what the decoder adds at given positions after some layers (Qwen3-VL's DeepStack)
+        follow the tokens the in-LLM stage removes (``stage.follow(mask0, rows)`` maps them onto the
+        surviving positions); changes go through ``handle``. Nothing to do for most families."""
+        return None
+
     @property
     def rotary_embedding(self) -> nn.Module:
         return self.language_model.rotary_emb

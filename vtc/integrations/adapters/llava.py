@@ -34,6 +34,7 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     class_names = ("LlavaForConditionalGeneration",)
     model_types = ("llava",)
+    supports_llm_layer = True
     #: whether this family hands a CLIP tower's CLS token to an operator that keeps it (VisionZip official)
     hands_cls_token: ClassVar[bool] = True
 

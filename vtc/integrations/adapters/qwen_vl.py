@@ -60,6 +60,7 @@ class QwenVLAdapter(ModelAdapter):
     position_modes = ("original",)
     default_position_ids = "original"
     tracks_every_prefill = True
+    supports_llm_layer = True
     image_inputs = ("image_grid_thw", "mm_token_type_ids")
 
     # ------------------------------------------------------------------ parts
@@ -75,6 +76,21 @@ class QwenVLAdapter(ModelAdapter):
     @property
     def deepstack_layers(self) -> int:
         return len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def follow_layer_drops(self, stage: Any, handle: Any) -> None:
+        """DeepStack (Qwen3-VL): the features the first decoder layers add at the visual positions
+        (``_deepstack_process(hidden, visual_pos_masks, features)``) are mapped onto the visual tokens
+        still alive, so tokens dropped after an earlier layer lose theirs and recycled ones get none."""
+        lm = self.language_model
+        original = getattr(lm, "_deepstack_process", None)
+        if not self.deepstack_layers or original is None:
+            return
+
+        def deepstack(hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+            mask, rows = stage.follow(visual_pos_masks, visual_embeds)
+            return original(hidden_states, mask, rows)
+
+        handle.set_attr(lm, "_deepstack_process", deepstack)
 
     @property
     def merge(self) -> int:
