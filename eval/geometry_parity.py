@@ -24,6 +24,7 @@ import torch
 
 import vtc
 from vtc.geometry import AnyResGrid, Layout, unpad_bounds
+from vtc.taps.layers import LayerSpace
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 SIZES = [(336, 672), (672, 336), (336, 1008), (1008, 336), (672, 672), (427, 640), (640, 427), (500, 300),
@@ -55,14 +56,20 @@ def rounding_table(lo: int, hi: int) -> None:
         print(f"| {r} | {n} | {len(found)} ({len(found) / n * 1e4:.1f} per 10^4) | {ex} |")
 
 
-def anyres_tokens(size: tuple[int, int], signal: str, layer: int, seed: int) -> vtc.VisualTokens:
+CLIP_L = LayerSpace(24, 22)  # LLaVA-NeXT-7B's tower: 24 layers, features from layer 22
+
+
+def anyres_tokens(size: tuple[int, int], op, seed: int) -> vtc.VisualTokens:
+    """One image's complete partitions with random signals at the layers ``op`` reads."""
     nh, nw = crop_grid(*size)
     P, N = 1 + nh * nw, 576
     g = torch.Generator().manual_seed(seed)
-    s = torch.rand(1, P * N, generator=g, dtype=torch.float64)
+    signals = {name: {l: torch.rand(1, P * N, generator=g, dtype=torch.float64) for l in CLIP_L.resolve_all(layers)}
+               for name, layers in op.requires.items()}
     return vtc.VisualTokens(x=torch.randn(1, P * N, 4, generator=g, dtype=torch.float64),
                             group=(torch.arange(P * N) // N).unsqueeze(0),
-                            layout=Layout.for_anyres(24, (nh, nw), image_size=size), signals={signal: {layer: s}})
+                            layout=Layout.for_anyres(24, (nh, nw), image_size=size), signals=signals,
+                            layer_space=CLIP_L)
 
 
 def hired_table(seeds: int) -> None:
@@ -74,9 +81,7 @@ def hired_table(seeds: int) -> None:
             op = vtc.create("hired", ratio=0.2, compat=compat)
             n = 0
             for seed in range(seeds):
-                t = anyres_tokens(size, "cls_attn", 0, seed)
-                t.signals["cls_attn"][22] = t.signals["cls_attn"][0].flip(1)
-                n += int(op(t).counts[0])
+                n += int(op(anyres_tokens(size, op, seed)).counts[0])
             got[compat] = n / seeds
         print(f"| {size[0]} x {size[1]} | {'x'.join(map(str, crop_grid(*size)))} | {got['official']:.1f} | "
               f"{got['clean']:.1f} |")
@@ -102,7 +107,7 @@ def globalcom2_table(seeds: int) -> None:
         W = g.width
         kept = moved = differs = 0
         for seed in range(seeds):
-            out = op(anyres_tokens(size, "cls_logits", 23, seed))
+            out = op(anyres_tokens(size, op, seed))
             idx = [i for i in out.index[0, : int(out.counts[0])].tolist() if i >= 576]
             cells = [divmod(i - 576, 576) for i in idx]
             kept += len(idx)
