@@ -21,6 +21,16 @@ instance ``main``) in a subprocess of the same run, each with its own side-by-si
 prints a before/after table. (Before this file's revision, operators had no fast mode: *before* is
 always a direct call.)
 
+**Per prefill** (``--what prefill``): what ``vtc.apply`` adds to one forward of the tiny random
+LLaVA and LLaVA-NeXT (``vtc.models.random``, 24x24 patch grids, 24 tower layers) on a batch of
+two images of different aspect ratios: dispatched ops and host syncs of the wrapped call minus
+those of the stock call on the same inputs, on the first call (which validates the pipeline's
+input and builds the geometry tables of the batch's layouts) and on the next (steady state).
+``identity`` is the integration alone; the other pipelines add their operators' own counts (the
+table above; with images of different sizes they see padded batches, where a data-dependent count
+costs a sync). Deterministic; ``tests/integrations/test_apply_overhead.py`` gates them. *Before*
+(``--before REV``) has no validate-once path: its every call is counted.
+
 Run: ``python eval/bench_ops.py --before main`` (about a minute) or ``python eval/bench_ops.py``.
 """
 
@@ -140,11 +150,22 @@ REFS = {"divprune": ref_divprune, "vtc-cls": ref_vtc_cls, "random": ref_random, 
 
 
 # ---------------------------------------------------------------------- workloads
+def clip_l():
+    """CLIP-L/336's layers as LLaVA reads them (24 layers, features from 22), where this vtc knows layer
+    spaces: operators' tower-relative default layers (``"feature"``, ``"last"``) resolve against it."""
+    try:
+        from vtc.taps.layers import LayerSpace
+    except ImportError:  # a revision before layer spaces: layers are numbers
+        return None
+    return LayerSpace(24, 22)
+
+
 def make_signals(requires: dict, B: int, N: int, g: torch.Generator) -> dict:
+    space = clip_l()
     signals: dict = {}
     for name, layers in requires.items():
         per = {}
-        for layer in layers:
+        for layer in (layers if space is None else space.resolve_all(layers)):
             if name in ("cls_attn", "attn_received"):
                 per[layer] = torch.randn(B, N, generator=g).softmax(-1)
             elif name == "keys":
@@ -155,11 +176,16 @@ def make_signals(requires: dict, B: int, N: int, g: torch.Generator) -> dict:
     return signals
 
 
+def _space() -> dict:
+    space = clip_l()
+    return {} if space is None else {"layer_space": space}
+
+
 def llava_tokens(vtc, requires, batch, side, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = side * side
     return vtc.VisualTokens(x=torch.randn(batch, n, dim, generator=g), signals=make_signals(requires, batch, n, g),
-                            layout=vtc.Layout.grid(side))
+                            layout=vtc.Layout.grid(side), **_space())
 
 
 SIZES = [(336, 672), (672, 336), (672, 672), (500, 640), (640, 480), (1000, 800), (300, 700), (672, 600)]
@@ -172,7 +198,7 @@ def anyres_tokens(vtc, requires, batch, side, dim, seed=0):
     lays = [vtc.Layout.for_anyres(side, (2, 2), image_size=SIZES[b % len(SIZES)]) for b in range(batch)]
     group = (torch.arange(P * n) // n).expand(batch, -1)
     return vtc.VisualTokens(x=torch.randn(batch, P * n, dim, generator=g), group=group, layout=lays,
-                            signals=make_signals(requires, batch, P * n, g))
+                            signals=make_signals(requires, batch, P * n, g), **_space())
 
 
 def build_op(vtc, name: str, keep: int, dim: int):
@@ -269,12 +295,73 @@ def worker(args) -> list[dict]:
     return rows
 
 
+PREFILL = {"llava": ["identity", "random:keep=64", "divprune:keep=64"],
+           "llava_next": ["identity", "random:keep=64", "divprune:keep=64", "hired:ratio=0.2", "globalcom2"]}
+
+
+def prefill_inputs(model_kind: str):
+    """``(model, processor inputs)``: a tiny random model and two noise images of different aspect ratios."""
+    import numpy as np
+    from PIL import Image
+
+    from vtc.models import random as rnd
+
+    model, proc = (rnd.random_llava if model_kind == "llava" else rnd.random_llava_next)(vision_layers=24)
+    g = np.random.default_rng(0)
+    images = [Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((96, 96), (100, 260))]
+    text = ["user : <image> what is this ? assistant :", "<image> describe the picture"]
+    return model, proc(images=images, text=text, return_tensors="pt", padding=True)
+
+
+def prefill_rows(vtc, args) -> list[dict]:
+    """Ops and syncs of one prefill with and without ``vtc.apply`` (see the module docstring)."""
+    count_ops = _opcount().count_ops
+    rows = []
+    for kind, specs in PREFILL.items():
+        model, inputs = prefill_inputs(kind)
+
+        def forward(model=model, inputs=inputs):
+            return model(**inputs)
+
+        with torch.inference_mode():
+            forward()
+            _, stock = count_ops(forward)
+            for spec in specs:
+                row = {"kind": "prefill", "model": kind, "pipeline": spec, "stock": {"ops": stock.ops, "syncs": stock.syncs}}
+                try:
+                    with vtc.apply(model, spec):
+                        _, first = count_ops(forward)
+                        _, steady = count_ops(forward)
+                    for name, c in (("first", first), ("steady", steady)):
+                        row[name] = {"ops": c.ops - stock.ops, "syncs": c.syncs - stock.syncs}
+                except Exception as e:  # noqa: BLE001 - one pipeline's failure must not hide the others
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
+    return rows
+
+
+def print_prefill(after: list[dict], before: list[dict] | None) -> None:
+    by = {(r["model"], r["pipeline"]): r for r in before or []}
+    print("\n| model | pipeline | stock ops / syncs | ops added (before → after) | after, first call | "
+          "syncs added (before → after) | after, first call |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in after:
+        if "error" in r:
+            print(f"| {r['model']} | `{r['pipeline']}` | error: {r['error']} |")
+            continue
+        b = by.get((r["model"], r["pipeline"]), {})
+        bo = f"{b['steady']['ops']} → " if "steady" in b else ""
+        bs = f"{b['steady']['syncs']} → " if "steady" in b else ""
+        print(f"| {r['model']} | `{r['pipeline']}` | {r['stock']['ops']} / {r['stock']['syncs']} | "
+              f"{bo}{r['steady']['ops']} | {r['first']['ops']} | {bs}{r['steady']['syncs']} | {r['first']['syncs']} |")
+
+
 def run_worker(args, src: Path) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out), "--batch", str(args.batch),
                "--side", str(args.side), "--dim", str(args.dim), "--keep", str(args.keep), "--warmup",
-               str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads), "--what", args.what]
         if args.ops:
             cmd += ["--ops", *args.ops]
         env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1")
@@ -335,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--ops", nargs="*", default=None, help="operator names (default: every registered one)")
+    ap.add_argument("--what", choices=["ops", "prefill", "all"], default="all",
+                    help="operator calls, vtc.apply per prefill, or both")
     ap.add_argument("--before", metavar="REV", help="also measure the vtc of this git revision (e.g. main)")
     ap.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     ap.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)
@@ -342,7 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        Path(args.worker).write_text(json.dumps(worker(args)))
+        import vtc
+
+        rows = worker(args) if args.what in ("ops", "all") else []
+        rows += prefill_rows(vtc, args) if args.what in ("prefill", "all") else []
+        Path(args.worker).write_text(json.dumps(rows))
         return
     before = None
     if args.before:
@@ -355,7 +448,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.threads or torch.get_num_threads()} torch thread(s); batch {args.batch} x {args.side ** 2} tokens x "
           f"{args.dim} fp32 (NeXT rows: x5 partitions), keep={args.keep}; CPU ms = median of {args.repeats}"
           + (f"; before = {args.before}" if args.before else "") + "\n")
-    print_table(after, before)
+    def split(rows):
+        return ([r for r in rows or [] if r.get("kind") != "prefill"],
+                [r for r in rows or [] if r.get("kind") == "prefill"])
+
+    (ops_after, pre_after), (ops_before, pre_before) = split(after), split(before)
+    if ops_after:
+        print_table(ops_after, ops_before if before is not None else None)
+    if pre_after:
+        print_prefill(pre_after, pre_before if before is not None else None)
     if args.json:
         Path(args.json).write_text(json.dumps({"after": after, "before": before}, indent=1))
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _geometry_ref import ref_cells, ref_unpad  # tests/ is on sys.path (its conftest)
 
 import vtc
 from vtc.errors import LayoutError
-from vtc.geometry import Layout, crop_cells, drop_padding, partitions, pooled_layouts, unpad_bounds
+from vtc.geometry import (
+    AnyResGrid,
+    CropRules,
+    Layout,
+    crop_cells,
+    drop_padding,
+    partitions,
+    pooled_layouts,
+    stock_length,
+    unpad_bounds,
+    unpadded_positions,
+)
 from vtc.integrations import anyres
 from vtc.tokens import VisualTokens
 
@@ -100,3 +112,84 @@ def test_the_assembly_reads_the_pooled_layout_not_the_token_sizes():
 def test_pooled_layout_validation():
     with pytest.raises(LayoutError, match="pooled"):
         Layout.grid(4).pooled_to(0, 2)
+
+
+# ---------------------------------------------------------------------- unpad arithmetic and crop rules
+# LLaVA-NeXT (336-px crops of 24x24 patches) image sizes (height, width) where the arithmetics keep
+# different rows or columns, with the crop grid LLaVA-NeXT picks for them; found by a search over
+# 100..399 px (9 of 90000 sizes differ in float32, 5 in float64; python eval/geometry_parity.py)
+ROUNDING_CASES = [((152, 171), (24, 48)), ((232, 145), (24, 48)), ((342, 304), (48, 24)), ((369, 328), (48, 24)),
+                  ((110, 352), (24, 48)), ((176, 110), (24, 48)), ((328, 205), (24, 48)), ((352, 110), (48, 24))]
+
+
+def test_unpad_roundings_follow_each_implementation():
+    for size, grid in ROUNDING_CASES:
+        got = {r: unpad_bounds(grid, size, r) for r in ("transformers", "float32", "float64")}
+        assert got == {r: ref_unpad(grid, size, r) for r in got}, size
+        assert len(set(got.values())) > 1, size  # the rounding matters at this size
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        oh, ow = (int(v) for v in torch.randint(1, 2000, (2,), generator=g))
+        grid = [(24, 48), (48, 24), (48, 48), (24, 72), (72, 24), (7, 13)][int(torch.randint(0, 6, (1,), generator=g))]
+        for r in ("transformers", "float32", "float64"):
+            assert unpad_bounds(grid, (oh, ow), r) == ref_unpad(grid, (oh, ow), r), (grid, oh, ow, r)
+    with pytest.raises(LayoutError, match="unpad_rounding"):
+        unpad_bounds((24, 48), (10, 10), "float16")
+    with pytest.raises(LayoutError, match="unpad_rounding"):
+        CropRules(rounding="float16")
+
+
+def test_thin_images_leave_an_empty_unpadded_grid_as_stock():
+    assert unpad_bounds((24, 72), (4, 400)) == (12, 12, 0, 72)  # no row
+    assert unpad_bounds((72, 24), (400, 4)) == (0, 72, 12, 12)  # no column: each row still gets a newline
+    g = AnyResGrid.from_layout(Layout.for_anyres(24, (3, 1), image_size=(400, 4)), "test")
+    assert g.valid_size() == (72, 0) and not bool(g.crop_cells()[1].any())
+    assert stock_length(Layout.for_anyres(24, (3, 1), image_size=(400, 4))) == 576 + 72
+
+
+@pytest.mark.parametrize("rules", [CropRules(), CropRules("float32", transposed=True), CropRules("float64", rank_placement=True),
+                                   CropRules(transposed=True, rank_placement=True)], ids=str)
+@pytest.mark.parametrize("case", [(1, 2, 4, (10, 27)), (2, 1, 4, (30, 9)), (1, 3, 3, (20, 40)), (2, 2, 3, (50, 29)),
+                                  (1, 2, 8, (287, 328)), (1, 2, 8, (392, 343))])
+def test_crop_cells_follow_the_rules(case, rules):
+    nh, nw, side, size = case
+    t, lay = _anyres_tokens(size=size, crops=(nh, nw), grid=(side, side))
+    want = ref_cells(nh, nw, side, size, rules.rounding, rules.transposed, rules.rank_placement)
+    cells = crop_cells(t, rules=rules)
+    crop = range(side * side, lay.num_tokens)
+    assert [bool(cells.inside[0, i]) for i in crop] == [want[i][0] for i in crop]
+    assert [(int(cells.row[0, i]), int(cells.col[0, i])) for i in crop if want[i][0]] == [
+        want[i][1] for i in crop if want[i][0]]
+    # the operators' dense geometry agrees: the same cells survive, emitted at the same place
+    g = AnyResGrid.from_layout(lay, "test", rules)
+    pos, inside = g.crop_cells()
+    placed = g.placed_cells()
+    W = g.width
+    for i in crop:
+        c, k = divmod(i - side * side, side * side)
+        assert bool(inside[c, k]) == want[i][0]
+        if want[i][0]:
+            assert divmod(int(placed[c, k]), W) == want[i][1]
+    # drop_padding and the integration's cached positions keep the same tokens
+    dropped = drop_padding(t, rules)
+    pos_t, valid, _ = unpadded_positions([lay], rules, t.device)
+    assert pos_t[0, valid[0]].tolist() == dropped.index[0, : int(dropped.counts[0])].tolist()
+
+
+def test_the_geometry_cache_keeps_the_recently_used_within_its_budget(monkeypatch):
+    import vtc.geometry as geometry
+
+    monkeypatch.setattr(geometry, "_CACHE", {})
+    monkeypatch.setattr(geometry, "_CACHE_BYTES", [0])
+    monkeypatch.setattr(geometry, "CACHE_BYTES", 3 * 4000)
+    cpu = torch.device("cpu")
+    made = []
+
+    def build(i):
+        made.append(i)
+        return torch.zeros(1000)  # 4000 bytes
+
+    for i in (0, 1, 2, 0, 3):  # 0 is used again before 3 comes: 1 is the least recently used
+        geometry.cached(("t", i), cpu, lambda i=i: build(i))
+    assert made == [0, 1, 2, 3] and [k[0][1] for k in geometry._CACHE] == [2, 0, 3]
+    assert geometry._CACHE_BYTES[0] == 3 * 4000

@@ -3,7 +3,8 @@
 The reference uses plain Python loops (no vtc code): descending-score thumbnail, region sums of
 thumbnail logits, softmax/T crop scales, bilinear upsampling with ``align_corners=False`` over the
 unpadded crop grid, L2-normalised local + global scores, ``int(N_valid * scale)`` per crop and the
-emitted index order.
+emitted index order (official: each kept crop token placed at the cell numbered by its rank among its
+crop's unpadded tokens, the unpad in original LLaVA's float64 arithmetic).
 """
 
 import math
@@ -18,7 +19,9 @@ from vtc import Layout, VisualTokens
 from vtc.errors import ConfigError, LayoutError, SignalError
 
 # (nH, nW, patch side, original (height, width)): unpadding removes rows, rows, columns, rows,
-# nothing, rows; 3x1 on 8 rows makes the official tiles (rows 0-1, 2-3, 4-7) uneven
+# nothing, rows, columns of side-by-side crops (the official rank placement reflows their rows),
+# columns where the roundings differ;
+# 3x1 on 8 rows makes the official tiles (rows 0-1, 2-3, 4-7) uneven
 CASES = [
     (3, 1, 8, (200, 50)),
     (2, 2, 8, (100, 160)),
@@ -27,16 +30,19 @@ CASES = [
     (1, 3, 6, (40, 180)),
     (2, 2, 8, (80, 80)),
     (2, 2, 24, (300, 500)),
+    (2, 2, 8, (160, 100)),
+    (1, 2, 8, (392, 343)),  # original LLaVA's float64 keeps columns 5..10, transformers' 4..11
 ]
 
 
 # ---------------------------------------------------------------------- brute-force reference
-def ref_unpad(H, W, oh, ow):
-    """Rows [r0, r1) and columns [c0, c1) of the (H, W) crop grid kept by LLaVA-NeXT's unpad."""
+def ref_unpad(H, W, oh, ow, llava=False):
+    """Rows [r0, r1) and columns [c0, c1) of the (H, W) crop grid kept by LLaVA-NeXT's unpad
+    (``llava``: original LLaVA's ``int(orig_h * scale)`` with ``scale = W / orig_w``)."""
     if ow / oh > W / H:
-        pad = (H - int(oh * W / ow)) // 2
+        pad = (H - int(oh * (W / ow) if llava else oh * W / ow)) // 2
         return pad, H - pad, 0, W
-    pad = (W - int(ow * H / oh)) // 2
+    pad = (W - int(ow * (H / oh) if llava else ow * H / oh)) // 2
     return 0, H, pad, W - pad
 
 
@@ -62,7 +68,7 @@ def ref_globalcom2(s, nh, nw, side, image_size, *, rho=0.25, T=10.0, compat="off
     official = compat == "official"
     N, C = side * side, nh * nw
     H, W = nh * side, nw * side
-    r0, r1, q0, q1 = ref_unpad(H, W, *image_size)
+    r0, r1, q0, q1 = ref_unpad(H, W, *image_size, llava=official)
     k0 = int(N * rho)
     thumb = sorted(range(N), key=lambda t: (-s[0][t], t))[:k0]
     if not official:
@@ -98,6 +104,8 @@ def ref_globalcom2(s, nh, nw, side, image_size, *, rho=0.25, T=10.0, compat="off
         budgets.append(k)
         for m in sorted(range(len(members)), key=lambda m: (-score[m], members[m][0]))[:k]:
             t, gr, gc = members[m]
+            if official:  # written into cell m (its number among the crop's unpadded tokens) of the crop
+                gr, gc = a * side + m // side, b * side + m % side
             cells.append((gr * W + gc, (c + 1) * N + t))
     return thumb + [i for _, i in sorted(cells)], budgets
 

@@ -2,7 +2,8 @@
 
 The reference below uses plain Python loops and lists (no vtc code): budgets, raster-chunk vs
 geometric crop regions, float32-floored vs largest-remainder crop budgets, per-crop top-k,
-LLaVA-NeXT unpadding and the emitted index order.
+LLaVA-NeXT unpadding and the emitted index order. Official mode assembles the crops as the HiRED
+fork's transformers does: the nH x nW crops tiled on an nW x nH grid, unpadded in float32.
 """
 
 from fractions import Fraction
@@ -17,7 +18,9 @@ from vtc import Layout, VisualTokens
 from vtc.errors import BudgetError, ConfigError, InputError, LayoutError, SignalError
 
 # (nH, nW, patch side, original (height, width)): unpadding removes columns, rows, rows, columns,
-# rows, nothing, rows; 3x1 on 8x8 has 64 thumbnail tokens for 3 chunks (the official reshape fails)
+# rows, nothing, rows; 3x1 on 8x8 has 64 thumbnail tokens for 3 chunks (the official reshape fails);
+# 287x328 on 1x2 crops: the official (transposed, 16x8) grid keeps rows 5..10 in float32, 4..11 in
+# transformers' arithmetic
 CASES = [
     (3, 1, 8, (200, 50)),
     (2, 2, 8, (100, 160)),
@@ -26,16 +29,20 @@ CASES = [
     (1, 3, 6, (40, 180)),
     (2, 2, 8, (80, 80)),
     (2, 2, 24, (300, 500)),
+    (1, 2, 8, (287, 328)),
 ]
 
 
 # ---------------------------------------------------------------------- brute-force reference
-def ref_unpad(H, W, oh, ow):
-    """Rows [r0, r1) and columns [c0, c1) of the (H, W) crop grid kept by LLaVA-NeXT's unpad."""
+def ref_unpad(H, W, oh, ow, float32=False):
+    """Rows [r0, r1) and columns [c0, c1) of the (H, W) crop grid kept by LLaVA-NeXT's unpad;
+    ``float32``: as the HiRED fork computes it, with the image size as a LongTensor row."""
+    if float32:
+        oh, ow = torch.tensor(oh), torch.tensor(ow)
     if ow / oh > W / H:
-        pad = (H - int(oh * W / ow)) // 2
+        pad = (H - int(oh * (W / ow) if float32 else oh * W / ow)) // 2
         return pad, H - pad, 0, W
-    pad = (W - int(ow * H / oh)) // 2
+    pad = (W - int(ow * (H / oh) if float32 else ow * H / oh)) // 2
     return 0, H, pad, W - pad
 
 
@@ -72,11 +79,12 @@ def ref_hired(c0, c22, nh, nw, side, image_size, *, rate=0.2, alpha=0.5, keep=No
     official = compat == "official"
     N, C = side * side, nh * nw
     P = 1 + C
-    H, W = nh * side, nw * side
-    r0, r1, q0, q1 = ref_unpad(H, W, *image_size)
+    TW = nh if official else nw  # official: the crops (row-major) tiled nW rows x nH columns
+    H, W = C // TW * side, TW * side
+    r0, r1, q0, q1 = ref_unpad(H, W, *image_size, float32=official)
 
     def cell(c, t):
-        a, b = divmod(c, nw)
+        a, b = divmod(c, TW)
         i, j = divmod(t, side)
         gr, gc = a * side + i, b * side + j
         return (r0 <= gr < r1 and q0 <= gc < q1), gr * W + gc

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from vtc.integrations.generic import CompressedVisual, VisualCompressor
-from vtc.integrations.handle import Compressed, Handle
+from vtc.integrations.handle import Compressed, Handle, handle_of, hook_keys
 from vtc.integrations.options import ApplyOptions
 
-__all__ = ["apply", "Handle", "Compressed", "ApplyOptions", "VisualCompressor", "CompressedVisual"]
+__all__ = ["apply", "handle_of", "Handle", "Compressed", "ApplyOptions", "VisualCompressor", "CompressedVisual"]
 
 
 def apply(model: Any, pipeline: Any, position_ids: str | None = None, **options: Any) -> Handle:
@@ -26,8 +26,10 @@ def apply(model: Any, pipeline: Any, position_ids: str | None = None, **options:
     (``"divprune:keep=64"``). ``position_ids``: ``"contiguous"`` or ``"original"`` (default: the
     family's; Qwen VL's M-RoPE supports ``"original"`` only). LLaVA-NeXT options: ``newline``
     (``"auto"``, ``"rows"``, ``"unpadded_rows"``, ``"all_rows"``, ``"none"``), ``llm_view``
-    (``"auto"``, ``"partitions"``, ``"assembled"``), ``unpad`` (bool) and ``padding``; see
+    (``"auto"``, ``"partitions"``, ``"assembled"``), ``unpad`` (bool), ``padding`` and ``unpad_rounding``; see
     :mod:`vtc.integrations.options`. Works as a context manager: ``with vtc.apply(m, p): ...``.
+    ``copy.deepcopy(model)`` meanwhile gives a copy compressed by its own handle
+    (:func:`handle_of`; :mod:`vtc.integrations.handle`).
     Raises :class:`~vtc.errors.UnsupportedModelError` (listing the supported families) for other models.
     """
     from vtc.integrations import wrapper
@@ -36,4 +38,8 @@ def apply(model: Any, pipeline: Any, position_ids: str | None = None, **options:
 
     opts = ApplyOptions.from_kwargs({"position_ids": position_ids, **options})
     adapter = adapter_for(model)
-    return wrapper.attach(model, adapter, build(pipeline), opts)
+    before = hook_keys(model)
+    handle = wrapper.attach(model, adapter, build(pipeline), opts)
+    handle.track_hooks(model, before)
+    handle.copies_with_compression()
+    return handle

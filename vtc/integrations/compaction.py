@@ -14,6 +14,10 @@ dropped before it (no gaps; for Hugging Face's default positions this is a plain
 stay consistent with the compacted cache: the compacted prompt mask and, per row, how many tokens
 were dropped, so masks over the original length are mapped onto the cache and new positions
 continue either from the compacted length or from the original one.
+
+A plan costs one host synchronisation: every value the host needs (the compacted length, the checks
+of the placeholder count and of each image's run, how many tokens each image kept) comes back in
+one transfer; everything else stays on the device.
 """
 
 from __future__ import annotations
@@ -41,17 +45,21 @@ class Compaction:
     new_padding: bool  # some rows needed padding that was not there before
     image: Tensor | None = None  # [B, L] long, the image whose run holds each placeholder (-1: not one)
     offset: Tensor | None = None  # [B, L] long, each placeholder's place in its image's run
-
-    @property
-    def changed(self) -> bool:
-        return not bool(self.keep.all())
+    changed: bool = True  # some placeholder was dropped (the prompt is shorter for some row)
+    kept: list[int] | None = None  # tokens each image kept (on the host)
 
     @property
     def length(self) -> int:
         return self.src.shape[1]
 
     def _take(self, t: Tensor, fill: int | float | bool) -> Tensor:
-        g = t.gather(1, self.src.view(*self.src.shape, *([1] * (t.dim() - 2))).expand(*self.src.shape, *t.shape[2:]))
+        if not self.changed:
+            return t
+        idx = self.src if t.dim() == 2 else self.src.view(*self.src.shape, *([1] * (t.dim() - 2))).expand(
+            *self.src.shape, *t.shape[2:])
+        g = t.gather(1, idx)
+        if not self.new_padding:  # every slot holds a token
+            return g
         shape = (*self.slot_valid.shape, *([1] * (t.dim() - 2)))
         return torch.where(self.slot_valid.view(shape), g, torch.full_like(g, fill))
 
@@ -105,50 +113,78 @@ class Compaction:
         return self._take(pos, 0)
 
 
+def _on(values: Sequence[int], dev: torch.device) -> Tensor:
+    """A long tensor of host ``values`` on ``dev`` without a blocking host-to-device copy."""
+    if values and all(v == values[0] for v in values):
+        return torch.full((len(values),), values[0], dtype=torch.long, device=dev)
+    t = torch.tensor(list(values), dtype=torch.long)
+    return t if dev.type == "cpu" else t.to(dev, non_blocking=True)
+
+
 def plan(input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int,
-         stock_lengths: Sequence[int], kept: Tensor) -> Compaction:
-    """Plan the compaction of ``input_ids`` for images of ``stock_lengths`` placeholders keeping ``kept`` tokens."""
+         stock_lengths: Sequence[int], kept: Tensor | Sequence[int]) -> Compaction:
+    """Plan the compaction of ``input_ids`` for images of ``stock_lengths`` placeholders keeping ``kept``
+    tokens (a device tensor, or host ints when they are known without looking at the data)."""
     if input_ids is None:
         raise InputError("vtc needs input_ids (with the processor's image placeholder tokens) to compact the prompt")
     B, L = input_ids.shape
     dev = input_ids.device
+    n_img = len(stock_lengths)
+    stock_host = [int(v) for v in stock_lengths]
+    kept_host = None if isinstance(kept, Tensor) else [int(v) for v in kept]
     ph = input_ids == image_token_id
-    n_ph = int(ph.sum())
-    stock = torch.as_tensor(list(stock_lengths), dtype=torch.long, device=dev)
-    need = int(stock.sum())
-    if n_ph != need:
-        raise InputError(
-            f"the prompt holds {n_ph} image placeholder tokens (id {image_token_id}) but the {len(stock_lengths)} "
-            f"image(s) need {need} ({', '.join(map(str, stock_lengths))}); build input_ids and pixel_values together "
-            "with the model's processor, which expands each <image> to the right count"
-        )
-    kept = kept.to(dev).long()
-    if bool((kept > stock).any()) or bool((kept < 0).any()):
-        raise InputError(f"an image kept {kept.tolist()} tokens but has room for {stock.tolist()}")
+    stock = _on(stock_host, dev)
+    kept_t = kept.to(dev).long() if kept_host is None else _on(kept_host, dev)
     flat = ph.reshape(-1)
     rank = torch.cumsum(flat.long(), 0) - 1  # placeholder rank in (row, position) order
     ends = torch.cumsum(stock, 0)
-    img = torch.searchsorted(ends, rank.clamp_min(0), right=True).clamp_max(len(stock_lengths) - 1)
+    img = torch.searchsorted(ends, rank.clamp_min(0), right=True).clamp_max(max(n_img - 1, 0))
     offset = rank - (ends - stock)[img]
-    keep_ph = flat & (offset < kept[img])
+    keep_ph = flat & (offset < kept_t[img])
     # every image's run must sit in one row
-    rows = torch.arange(B, device=dev).repeat_interleave(L)
-    n_img = len(stock_lengths)
+    rows = torch.arange(B * L, device=dev) // L
     first = torch.full((n_img,), B, dtype=torch.long, device=dev).scatter_reduce(
-        0, img[flat], rows[flat], reduce="amin", include_self=True)
+        0, img, torch.where(flat, rows, B), reduce="amin", include_self=True)
     last = torch.full((n_img,), -1, dtype=torch.long, device=dev).scatter_reduce(
-        0, img[flat], rows[flat], reduce="amax", include_self=True)
-    if bool((first != last).any()):
-        raise InputError("an image's placeholder tokens span two batch rows; each image's run must lie in one prompt")
+        0, img, torch.where(flat, rows, -1), reduce="amax", include_self=True)
     drop = (flat & ~keep_ph).view(B, L)
     keep = ~drop
     n_keep = keep.sum(1)
-    Lc = int(n_keep.max())
+    pad_left = torch.ones((), dtype=torch.bool, device=dev) if attention_mask is None else (
+        attention_mask[:, -1].bool().all())
+    # the one host synchronisation: the checks, the compacted lengths, the kept counts
+    head = torch.stack([flat.sum(), (first != last).any().long(), pad_left.long()])
+    host = torch.cat([head, n_keep] + ([kept_t] if kept_host is None else [])).tolist()
+    n_ph, split, pad_left_h = host[:3]
+    n_keep_h = host[3:3 + B]
+    kept_host = host[3 + B:] if kept_host is None else kept_host
+    need = sum(stock_host)
+    if n_ph != need:
+        raise InputError(
+            f"the prompt holds {n_ph} image placeholder tokens (id {image_token_id}) but the {n_img} "
+            f"image(s) need {need} ({', '.join(map(str, stock_host))}); build input_ids and pixel_values together "
+            "with the model's processor, which expands each <image> to the right count"
+        )
+    if any(k > s or k < 0 for k, s in zip(kept_host, stock_host)):
+        raise InputError(
+            f"an image kept {kept_host} tokens but has room for {stock_host} (the placeholders the processor "
+            "put in input_ids); for LLaVA-NeXT, an unpad rounding other than transformers' can keep a row more than "
+            "the processor counted when almost nothing is pruned: use vtc.apply(..., unpad_rounding='transformers')")
+    if split:
+        raise InputError("an image's placeholder tokens span two batch rows; each image's run must lie in one prompt")
+    Lc = max(n_keep_h) if B else 0
+    changed = any(k < s for k, s in zip(kept_host, stock_host))
+    image = torch.where(flat, img, -1).view(B, L)
+    offset = torch.where(flat, offset, -1).view(B, L)
+    if not changed:  # every position survives where it is
+        zero = torch.zeros(B, L, dtype=torch.long, device=dev)
+        return Compaction(keep=keep, src=torch.arange(L, device=dev).expand(B, L), slot_valid=keep,
+                          dropped_before=zero, dropped=zero[:, 0], new_padding=False, image=image, offset=offset,
+                          changed=False, kept=kept_host)
     # kept positions, left-packed in order
     order = torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices[:, :Lc]
     slot = torch.arange(Lc, device=dev).unsqueeze(0)
-    pad_left = attention_mask is None or bool(attention_mask[:, -1].bool().all())
-    if pad_left:
+    if pad_left_h:
         shift = (Lc - n_keep).unsqueeze(1)
         j = slot - shift
         slot_valid = j >= 0
@@ -158,10 +194,9 @@ def plan(input_ids: Tensor, attention_mask: Tensor | None, image_token_id: int,
         src = order
     src = torch.where(slot_valid, src, torch.zeros_like(src))
     dropped_before = torch.cumsum(drop.long(), 1) - drop.long()
-    minus = torch.full_like(flat, -1, dtype=torch.long)
     return Compaction(keep=keep, src=src, slot_valid=slot_valid, dropped_before=dropped_before,
-                      dropped=drop.sum(1), new_padding=bool((n_keep != Lc).any()),
-                      image=torch.where(flat, img, minus).view(B, L), offset=torch.where(flat, offset, minus).view(B, L))
+                      dropped=drop.sum(1), new_padding=any(n != Lc for n in n_keep_h), image=image, offset=offset,
+                      changed=True, kept=kept_host)
 
 
 @dataclass
@@ -174,6 +209,7 @@ class DecodeState:
     dropped: Tensor  # [B] tokens dropped per row
     mode: str  # "contiguous" or "original"
     next_position: Tensor | None = None  # [B] M-RoPE: the position id after the prompt's largest
+    dropped_any: bool | None = None  # whether any row dropped a token (None: read ``dropped``, a host sync)
 
     def attention_mask(self, attention_mask: Tensor | None, cache_length: int, q: int) -> Tensor | None:
         """Map a mask over the caller's full length onto the cache's (compacted) length.
@@ -205,7 +241,8 @@ class DecodeState:
     def position_ids(self, position_ids: Tensor | None, cache_length: int, q: int, device: torch.device) -> Tensor | None:
         """Positions of the new tokens: the caller's (or HF's default), shifted back in contiguous mode."""
         if position_ids is None:
-            if self.mode == "contiguous" and not bool(self.dropped.any()):
+            any_dropped = bool(self.dropped.any()) if self.dropped_any is None else self.dropped_any
+            if self.mode == "contiguous" and not any_dropped:
                 return None
             new = cache_length - self.compact_length
             position_ids = (torch.arange(q, device=device) + self.prompt_length + new).unsqueeze(0)

@@ -26,14 +26,31 @@ LLaVA-NeXT only:
   ``"auto"``: only if it declares ``Operator.sees_padding`` (m3, pool, HiRED official), else they
   are dropped before it so every token it keeps reaches the language model; ``"keep"``;
   ``"drop"``. (Padding tokens an operator keeps are removed by the assembly in any case.)
+- ``unpad_rounding``: the arithmetic of the unpad (``"transformers"``, ``"float32"``, ``"float64"``;
+  :data:`vtc.geometry.UNPAD_ROUNDINGS`) or ``"auto"`` (default).
+
+Which crop geometry reaches the language model. vtc assembles the LLaVA-NeXT sequence itself (the
+model's own unpad never runs), so the unpad and the crop layout are part of the method being run:
+the integration unpads and assembles every image with the :class:`~vtc.geometry.CropRules` the
+pipeline's operators declare (``Operator.crop_rules``: HiRED's official code unpads in float32 and
+tiles non-square crop grids transposed, GlobalCom²'s unpads in original LLaVA's float64 and places
+crop tokens by rank), and with stock transformers' rules when no operator declares any. What an
+operator decides is then exactly what the language model receives: a mismatch cannot happen
+silently. Operators that declare different rules in one pipeline, or ``unpad_rounding=`` that
+contradicts an operator's, raise a :class:`~vtc.errors.ConfigError` when ``vtc.apply`` attaches
+(set the operator's own ``unpad_rounding=`` instead). The processor's placeholder count (stock
+transformers' rounding) stays each image's room: on the rare sizes where another rounding keeps
+a row more, a pipeline that prunes almost nothing gets an :class:`~vtc.errors.InputError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
 from vtc.errors import ConfigError
+from vtc.geometry import STOCK, UNPAD_ROUNDINGS, CropRules
 from vtc.integrations.anyres import NEWLINE_POLICIES
 
 __all__ = ["ApplyOptions", "POSITION_MODES", "LLM_VIEWS"]
@@ -52,8 +69,11 @@ class ApplyOptions:
     llm_view: str = "auto"
     unpad: bool = True
     padding: str = "auto"
+    unpad_rounding: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.unpad_rounding not in ("auto", *UNPAD_ROUNDINGS):
+            raise ConfigError(f"unpad_rounding must be one of {('auto', *UNPAD_ROUNDINGS)}, got {self.unpad_rounding!r}")
         if self.padding not in PADDING_MODES:
             raise ConfigError(f"padding must be one of {PADDING_MODES}, got {self.padding!r}")
         if self.position_ids is not None and self.position_ids not in POSITION_MODES:
@@ -90,6 +110,24 @@ class ApplyOptions:
                 "pass vtc.apply(..., newline=...) to choose one"
             )
         return next(iter(declared.values()), "rows")
+
+    def crop_rules(self, pipeline: Any) -> CropRules:
+        """The crop rules the integration unpads and assembles with (see the module docstring)."""
+        declared = {op.name: op.crop_rules for op in pipeline if getattr(op, "crop_rules", None) is not None}
+        if len(set(declared.values())) > 1:
+            raise ConfigError(
+                f"operators declare different LLaVA-NeXT crop rules {declared}; the integration assembles each "
+                "image one way: give them the same unpad_rounding= (or run them in separate pipelines)")
+        rules = next(iter(declared.values()), STOCK)
+        if self.unpad_rounding != "auto" and self.unpad_rounding != rules.rounding:
+            if declared:
+                name = next(iter(declared))
+                raise ConfigError(
+                    f"vtc.apply(unpad_rounding={self.unpad_rounding!r}) but {name!r} decides with "
+                    f"unpad_rounding={rules.rounding!r}, so the tokens it keeps would not be the ones the language "
+                    f"model receives; pass '{name}:unpad_rounding={self.unpad_rounding}' (vtc.apply follows it)")
+            rules = dataclasses.replace(rules, rounding=self.unpad_rounding)
+        return rules
 
     def drops_padding(self, pipeline: Any, assemble_at: int) -> bool:
         """Whether LLaVA-NeXT's padding tokens are removed before the pipeline's first operator."""

@@ -9,6 +9,12 @@ vision stage the model's projector is skipped. A tower that already projects (Qw
 merger) passes no projector: every operator then runs, in pipeline order, on its LLM-width tokens.
 An optional ``assemble`` step (LLaVA-NeXT's AnyRes assembly) runs before operator ``assemble_at``
 or at the end. ``llm_layer`` operators (always last) are not run here: they run inside the decoder.
+
+Validation happens once: each stage's input is checked where it enters (``Pipeline.check_input``:
+features, the signals that stage's operators read, sizes; one host sync) and the operators run
+without re-checking (``Pipeline.run_op``). ``fast=True`` skips even that, and every structural
+check of the operators and of the integration's own steps: ``vtc.apply`` passes it after its first
+call with the same pipeline on the same model, which already validated the kind of input it builds.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch import Tensor
 
 from vtc.errors import ConfigError
 from vtc.pipeline import Pipeline
-from vtc.tokens import VisualTokens
+from vtc.tokens import VisualTokens, inputs_checked
 
 __all__ = ["replaces_projector", "run_stages"]
 
@@ -35,11 +41,6 @@ def replaces_projector(pipeline: Pipeline) -> bool:
     return n == 1
 
 
-def _run(pipeline: Pipeline, i: int, tokens: VisualTokens) -> VisualTokens:
-    op = pipeline.ops[i]
-    return op.allocate(tokens) if pipeline.hands_off(i) else op(tokens)
-
-
 def run_stages(
     pipeline: Pipeline,
     tokens: VisualTokens,
@@ -49,21 +50,32 @@ def run_stages(
     out_dim: int | None = None,
     assemble: Callable[[VisualTokens], VisualTokens] | None = None,
     assemble_at: int | None = None,
+    fast: bool = False,
 ) -> VisualTokens:
     """Compress ``tokens`` through every stage and return LLM-width tokens.
 
     ``projected=True`` means ``tokens`` are already projector outputs (valid only when the
     pipeline has no vision-stage operator). ``projector=None``: the tokens are LLM-width already and
     no projection runs between the stages. ``out_dim`` checks the width a projector-replacing
-    operator returns. ``assemble`` runs once, before ``pipeline.ops[assemble_at]`` (default: at the end).
+    operator returns. ``assemble`` runs once, before ``pipeline.ops[assemble_at]`` (default: at the
+    end). ``fast``: no validation at all (see the module docstring).
     """
+    with inputs_checked(fast=fast):  # the integration's own steps skip their checks alike
+        return _stages(pipeline, tokens, projector, projected, out_dim, assemble, assemble_at, fast)
+
+
+def _stages(pipeline: Pipeline, tokens: VisualTokens, projector: Callable[[Tensor], Tensor] | None,
+            projected: bool, out_dim: int | None, assemble: Callable[[VisualTokens], VisualTokens] | None,
+            assemble_at: int | None, fast: bool) -> VisualTokens:
     ops = list(pipeline)
     n = len(ops)
     at = n if assemble_at is None else assemble_at
     i = 0
     if not projected:
+        if i < n and ops[i].stage == "vision" and not fast:
+            pipeline.check_input(tokens, "vision")
         while i < n and ops[i].stage == "vision":
-            tokens = _run(pipeline, i, tokens)
+            tokens = pipeline.run_op(i, tokens, fast=fast)
             i += 1
         if replaces_projector(pipeline):
             if out_dim is not None and tokens.dim != out_dim:
@@ -77,8 +89,6 @@ def run_stages(
                 tokens = tokens.replace(x=tokens.x.masked_fill(~tokens.mask.unsqueeze(-1), 0))
     elif any(op.stage == "vision" for op in ops):
         raise ConfigError("projected tokens cannot go through vision-stage operators")
-    else:
-        i = 0
     assembled = False
     for j in range(i, n):
         if ops[j].stage == "llm_layer":  # runs inside the decoder (vtc.integrations.llm_layer)
@@ -86,7 +96,9 @@ def run_stages(
         if j == at and assemble is not None:
             tokens = assemble(tokens)
             assembled = True
-        tokens = _run(pipeline, j, tokens)
+        if j == i and ops[j].stage == "llm" and not fast:
+            pipeline.check_input(tokens, "llm")
+        tokens = pipeline.run_op(j, tokens, fast=fast)
     if assemble is not None and not assembled:
         tokens = assemble(tokens)
     return tokens

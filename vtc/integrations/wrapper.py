@@ -87,8 +87,9 @@ class _Wrapped:
         generated = input_ids.shape[1] - self.prompt_columns(kw, input_ids) if stage is not None else 0
         encoded = ad.encode(kw)
         tokens = encoded.tokens
-        counts = tokens.counts
+        counts = tokens.counts if tokens.mask is not None else [tokens.num_tokens] * tokens.batch_size
         plan = compaction.plan(input_ids, mask, ad.image_token_id, encoded.stock, counts)
+        encoded.kept = plan.kept  # host counts from the plan's one sync
         ids = plan.ids(input_ids, ad.pad_token_id) if plan.changed else input_ids
         call = dict(kw)
         call.update(ad.language_inputs(kw, ids, encoded))
@@ -118,7 +119,8 @@ class _Wrapped:
                     stage.remember(new_cache)
         ad.report_features(out, encoded)
         self.handle.last = Compressed(
-            counts=counts.tolist(), stock_counts=list(encoded.stock), index=tokens.unbind_index(),
+            counts=list(plan.kept), stock_counts=list(encoded.stock),
+            index=[tokens.index[i, :k] for i, k in enumerate(plan.kept)],
             num_patches=[lay.num_tokens if lay is not None else int(tokens.num_tokens) for lay in tokens.layouts()],
             positions=positions, tokens=tokens.replace(x=tokens.x.detach()),
             extra=stage.report() if stage is not None else {},

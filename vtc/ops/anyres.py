@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import LayoutError, SignalError
-from vtc.geometry import AnyResGrid, unpad_bounds  # noqa: F401 - unpad_bounds: the rule, for this module's users
+from vtc.geometry import STOCK, AnyResGrid, CropRules, cached, cached_columns, cached_table, unpad_bounds  # noqa: F401 - unpad_bounds: the rule
 from vtc.ops.selection import descending_order, rank_mask
 from vtc.tokens import VisualTokens, checking_structure
 
@@ -29,8 +29,10 @@ class DenseParts:
 
     ``pos``: the token's position in its row (``-1`` where absent); ``exists``: the partition exists
     for that image; ``inside``: the cell survives LLaVA-NeXT's unpad (always true for the base);
-    ``grid_pos``: crop cells' raster position in the assembled crop grid; ``grids``: per-image
-    geometry (None for single-partition images).
+    ``grid_pos``: crop cells' raster position in the assembled crop grid; ``place``: where a kept
+    crop cell is emitted in that grid (``grid_pos`` unless the rules place by rank, see
+    :class:`~vtc.geometry.CropRules`); ``grids``: per-image geometry. The geometry maps are cached
+    per batch of layouts (:func:`~vtc.geometry.cached_table`): shared, never modify them in place.
     """
 
     pos: Tensor
@@ -40,14 +42,16 @@ class DenseParts:
     grids: list[AnyResGrid]
     h: int
     w: int
-    #: ``[B, 1]`` long per-image geometry: crop grid ``nh``, ``nw`` and the unpadded rows
-    #: ``[r0, r1)`` and columns ``[c0, c1)`` of the crop grid (for batched arithmetic)
+    #: ``[B, 1]`` long per-image geometry: crop grid ``nh``, ``nw``, the unpadded rows ``[r0, r1)``
+    #: and columns ``[c0, c1)`` of the assembled crop grid and its crops per row ``tw`` (for batched arithmetic)
+    place: Tensor | None = None
     nh: Tensor | None = None
     nw: Tensor | None = None
     r0: Tensor | None = None
     r1: Tensor | None = None
     c0: Tensor | None = None
     c1: Tensor | None = None
+    tw: Tensor | None = None
 
     @property
     def present(self) -> Tensor:
@@ -80,17 +84,18 @@ def is_anyres(tokens: VisualTokens, op: str) -> bool:
     return flags[0]
 
 
-def dense_parts(tokens: VisualTokens, op: str) -> DenseParts:
-    """Lay out AnyRes tokens densely (see :class:`DenseParts`); every image needs a ``for_anyres`` layout.
+def dense_parts(tokens: VisualTokens, op: str, rules: CropRules = STOCK) -> DenseParts:
+    """Lay out AnyRes tokens densely (see :class:`DenseParts`) under the crop ``rules``; every image
+    needs a ``for_anyres`` layout.
 
     Raises a :class:`LayoutError` if a token appears twice (merged or duplicated tokens) or if
     the base view or the unpadded area of a crop is incomplete: these allocators must run on the
     vision tower's tokens, before any other operator.
     """
     layouts = tokens.layouts()
-    grids = [AnyResGrid.from_layout(lay, op) if lay is not None else None for lay in layouts]
-    if any(g is None for g in grids):
+    if any(lay is None for lay in layouts):
         raise LayoutError(f"{op}: LLaVA-NeXT tokens need a layout per image (vtc.Layout.for_anyres)")
+    grids = [AnyResGrid.from_layout(lay, op, rules) for lay in layouts]
     h, w = grids[0].h, grids[0].w
     if any((g.h, g.w) != (h, w) for g in grids):
         raise LayoutError(f"{op}: every image in the batch must use the same patch grid")
@@ -98,16 +103,22 @@ def dense_parts(tokens: VisualTokens, op: str) -> DenseParts:
     B, N = tokens.x.shape[:2]
     dev = tokens.device
     P = 1 + max(g.num_crops for g in grids)
-    parts = torch.tensor([1 + g.num_crops for g in grids], device=dev)
+    key = ("dense-parts", tuple(layouts), rules)
+    # per image: partitions, nh, nw, r0, r1, c0, c1, tiles per row; then per cell: inside, grid_pos, place
+    parts, nh, nw, r0, r1, c0, c1, tw = cached_columns(
+        key, dev, lambda: [[1 + g.num_crops, g.nh, g.nw, *g.rows, *g.cols, g.tiles[1]] for g in grids])
+    inside = cached_table(key + ("inside",), dev, lambda: _cell_maps(grids, P, HW)[0], torch.bool)
+    grid_pos = cached_table(key + ("grid_pos",), dev, lambda: _cell_maps(grids, P, HW)[1])
+    place = cached_table(key + ("place",), dev, lambda: _cell_maps(grids, P, HW)[2])
     part = tokens.index // HW
     local = tokens.index % HW
     valid = tokens.valid
-    if checking_structure():
+    check = checking_structure()
+    if check:
         if tokens.group is not None and bool(((tokens.group != part) & valid).any()):
             raise LayoutError(f"{op}: token group ids disagree with their indices (index = partition*{HW} + raster)")
-        if bool((((tokens.index < 0) | (part >= parts.unsqueeze(1))) & valid).any()):
+        if bool((((tokens.index < 0) | (part >= parts)) & valid).any()):
             raise LayoutError(f"{op}: token indices fall outside the layout's {HW}-token partitions")
-    check = checking_structure()
     slot = torch.where(valid, part * HW + local, torch.full_like(part, P * HW))
     rows = torch.arange(B, device=dev).unsqueeze(1)
     if check:
@@ -119,30 +130,28 @@ def dense_parts(tokens: VisualTokens, op: str) -> DenseParts:
     pos = torch.full((B, P * HW + 1), -1, dtype=torch.long, device=dev)
     pos[rows.expand(B, N), slot] = torch.arange(N, device=dev).expand(B, N)
     pos = pos[:, :-1].view(B, P, HW)
-    exists = torch.arange(P, device=dev).unsqueeze(0) < parts.unsqueeze(1)
-    # per-image geometry as [B, 1] columns; crop cells of every image at once (no loop over images)
-    geo = torch.tensor([[g.nh, g.nw, *g.rows, *g.cols] for g in grids], dtype=torch.long, device=dev)
-    nh, nw, r0, r1, c0, c1 = geo.unbind(1)
-
-    def col(v: Tensor) -> Tensor:
-        return v.view(B, 1)
-
-    c = torch.arange(P - 1, device=dev).view(1, P - 1, 1)
-    t = torch.arange(HW, device=dev).view(1, 1, HW)
-    nw3 = nw.view(B, 1, 1)
-    gr = (c // nw3) * h + t // w
-    gc = (c % nw3) * w + t % w
-    crop_in = (gr >= r0.view(B, 1, 1)) & (gr < r1.view(B, 1, 1)) & (gc >= c0.view(B, 1, 1)) & (gc < c1.view(B, 1, 1))
-    inside = torch.cat([torch.ones(B, 1, HW, dtype=torch.bool, device=dev), crop_in], 1)
-    grid_pos = torch.cat([torch.zeros(B, 1, HW, dtype=torch.long, device=dev), gr * (nw3 * w) + gc], 1)
-    inside = inside & exists.unsqueeze(2)  # cells of crops an image does not have are never inside
+    exists = cached(key + ("exists",), dev, lambda: torch.arange(P, device=dev).unsqueeze(0) < parts)
     if check and bool((exists.unsqueeze(2) & inside & (pos < 0)).any()):
         raise LayoutError(
             f"{op}: some tokens of the base view or of a crop's unpadded area are missing; {op} decides "
             "budgets from complete partitions, so put it first in the pipeline, on the vision tower's tokens"
         )
     return DenseParts(pos=pos, exists=exists, inside=inside, grid_pos=grid_pos, grids=grids, h=h, w=w,
-                      nh=col(nh), nw=col(nw), r0=col(r0), r1=col(r1), c0=col(c0), c1=col(c1))
+                      place=place, nh=nh, nw=nw, r0=r0, r1=r1, c0=c0, c1=c1, tw=tw)
+
+
+def _cell_maps(grids: list[AnyResGrid], P: int, HW: int) -> Tensor:
+    """``[3, B, P, HW]``: inside (0/1), grid position and emission position of every cell of every
+    image's partitions (the base: inside, position 0; partitions an image lacks: not inside)."""
+    out = torch.zeros(3, len(grids), P, HW, dtype=torch.long)
+    out[0, :, 0] = 1
+    for b, g in enumerate(grids):
+        pos, inside = g.crop_cells()
+        C = g.num_crops
+        out[0, b, 1:1 + C] = inside.long()
+        out[1, b, 1:1 + C] = pos
+        out[2, b, 1:1 + C] = g.placed_cells()
+    return out
 
 
 def dense_signal(tokens: VisualTokens, dense: DenseParts, name: str, layer: int, op: str) -> Tensor:
@@ -182,7 +191,7 @@ def emit(tokens: VisualTokens, dense: DenseParts, keep: Tensor, base_rank: Tenso
     then every crop's cells in the raster order of the assembled crop grid (LLaVA-NeXT's order).
     One host sync (the output width)."""
     B, P, HW = keep.shape
-    key = dense.grid_pos + HW
+    key = dense.place + HW
     key = torch.cat([base_rank.unsqueeze(1), key[:, 1:]], 1)
     big = torch.iinfo(torch.long).max
     key = torch.where(keep & dense.present, key, torch.full_like(key, big)).view(B, P * HW)

@@ -117,6 +117,11 @@ class Operator(nn.Module):
     #: language model. True: grid pooling (m3, pool: M3 pools whole partitions before unpadding)
     #: and HiRED's official code, which ranks padding tokens too.
     sees_padding: ClassVar[bool] = False
+    #: LLaVA-NeXT only: the :class:`~vtc.geometry.CropRules` (unpad rounding, crop tiling, crop
+    #: placement) this operator decides with, when it depends on them (HiRED, GlobalCom²); None: no
+    #: preference. ``vtc.apply`` unpads and assembles the whole pipeline with the rules its
+    #: operators declare, so what an operator decides is what the language model receives.
+    crop_rules: ClassVar[Any] = None
 
     def __init__(self, config: Any = None, /, **kwargs: Any) -> None:
         super().__init__()

@@ -15,7 +15,8 @@ the LAST tower layer (``layer="last"``: 23 of CLIP-L's 24, not LLaVA's feature l
    glob/||glob||`` with ``loc`` the crop's own logits and ``glob`` the thumbnail's logits bilinearly
    upsampled (``align_corners=False``) to the whole unpadded crop grid and cut to the crop's
    rectangle; keep the top ``int(N_r * scale_r)``;
-4. output: thumbnail tokens, then the crops' kept tokens in the raster order of the assembled grid.
+4. output: thumbnail tokens, then the crops' kept tokens in the raster order of the assembled grid (where
+   official places them, see below).
 
 Defaults (official code): ``ratio=0.25``, ``temperature=10``, ``layer="last"``. The crop scores,
 scales and the upsampling are computed in float64 (the official code runs in the model's fp16, so
@@ -32,13 +33,29 @@ the projector; scores do not depend on the features, so the choice is the same).
 - crop regions are the official tiles: thumbnail token ``(i, j)`` belongs to crop
   ``(min(i // max(h//nH, 1), nH-1), min(j // max(w//nW, 1), nW-1))``;
 - a newline after EVERY row of the ``nH*h``-row crop grid, rows removed by the unpad included
-  (``newline_policy = "all_rows"``).
+  (``newline_policy = "all_rows"``);
+- kept crop tokens are placed by rank, an official bug: the official code lists a crop's unpadded
+  tokens, ranks them, and writes the ``k``-th kept token into cell ``i`` of an empty ``h x w`` crop,
+  ``i`` being the token's number in that list rather than its own cell; the crop grid is not
+  unpadded again (:class:`~vtc.geometry.CropRules` ``rank_placement``). A crop without padding is
+  unaffected; in a crop with padding the kept tokens move up (or left) towards the crop's corner, so
+  their order and the newlines between them differ from the image's layout (the kept set and the
+  counts are the same);
+- the unpad arithmetic is original LLaVA's float64 truncation (``unpad_rounding="float64"``; about
+  1 in 10^4 image sizes keeps another row or column than current transformers).
 
 ``compat="clean"``: thumbnail tokens in raster order; crop regions are geometric and unpad-aware
 (thumbnail token ``(i, j)``'s centre is mapped onto the unpadded crop grid, as in ``hired``'s clean
 mode; for LLaVA-NeXT's 24x24 grids without unpadding this equals the official tiles); standard
-LLaVA-NeXT newlines (``newline_policy = "rows"``: one after each unpadded row that holds tokens).
-Scores, scales and budgets are otherwise the official ones.
+LLaVA-NeXT newlines (``newline_policy = "rows"``: one after each unpadded row that holds tokens);
+kept crop tokens at their own cells; transformers' unpad arithmetic. Scores, scales and budgets are
+otherwise the official ones.
+
+``unpad_rounding=`` (``"transformers"``, ``"float32"``, ``"float64"``; default: the mode's, as above)
+sets the unpad arithmetic alone. The operator declares its :attr:`crop_rules`; ``vtc.apply``
+unpads and assembles the image with the same rules (see :mod:`vtc.integrations.options`). An
+image so thin that the unpad leaves no crop row or column (a 400x4 photo) keeps only thumbnail
+tokens, as stock LLaVA-NeXT sends none of its crop tokens (the official code fails there).
 
 Single partition (LLaVA-1.5): the official single-image path is broken (``encode_images``
 returns a tuple), so vtc applies step 1 alone: keep the top ``int(N*rho)`` tokens (at least 1) by
@@ -60,7 +77,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError
-from vtc.geometry import drop_padding
+from vtc.geometry import UNPAD_ROUNDINGS, CropRules, drop_padding
 from vtc.ops.anyres import (
     DenseParts,
     at_least_one,
@@ -85,6 +102,7 @@ class GlobalCom2Config(OpConfig):
     temperature: float = 10.0
     layer: Layer = "last"
     compat: Literal["official", "clean"] = "official"
+    unpad_rounding: Literal["transformers", "float32", "float64"] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +113,9 @@ class GlobalCom2Config(OpConfig):
             raise ConfigError(f"globalcom2 temperature= must be positive, got {self.temperature}")
         if self.compat not in ("official", "clean"):
             raise ConfigError(f"globalcom2 compat= must be 'official' or 'clean', got {self.compat!r}")
+        if self.unpad_rounding is not None and self.unpad_rounding not in UNPAD_ROUNDINGS:
+            raise ConfigError(
+                f"globalcom2 unpad_rounding= must be one of {UNPAD_ROUNDINGS}, got {self.unpad_rounding!r}")
 
 
 @register("globalcom2")
@@ -111,6 +132,13 @@ class GlobalCom2(Allocator):
         """``"all_rows"`` (official: a newline on each of the nH*h grid rows, unpadded or not) or
         ``"rows"`` (clean: standard LLaVA-NeXT newlines)."""
         return "all_rows" if self.config.compat == "official" else "rows"
+
+    @property
+    def crop_rules(self) -> CropRules:
+        """Official: rank placement and float64 unpad; clean: transformers' (see the module docstring)."""
+        official = self.config.compat == "official"
+        rounding = self.config.unpad_rounding or ("float64" if official else "transformers")
+        return CropRules(rounding=rounding, rank_placement=official)
 
     # ------------------------------------------------------------------ scoring
     def _regions(self, dense: DenseParts) -> Tensor:
@@ -146,9 +174,10 @@ class GlobalCom2(Allocator):
         each crop cell (0 outside the unpadded area). All images at once, each with its own size."""
         B, P, N = dense.pos.shape
         h, w = dense.h, dense.w
-        hv, wv = (dense.r1 - dense.r0).unsqueeze(2), (dense.c1 - dense.c0).unsqueeze(2)  # [B, 1, 1]
+        # [B, 1, 1]; an image without unpadded rows (or columns) has no cell to read this at
+        hv, wv = (dense.r1 - dense.r0).clamp_min(1).unsqueeze(2), (dense.c1 - dense.c0).clamp_min(1).unsqueeze(2)
         gp = dense.grid_pos[:, 1:]
-        W = (dense.nw * w).unsqueeze(2)
+        W = (dense.tw * w).unsqueeze(2)
         y = (gp // W - dense.r0.unsqueeze(2)).clamp_min(0)
         x = (gp % W - dense.c0.unsqueeze(2)).clamp_min(0)
 
@@ -193,9 +222,9 @@ class GlobalCom2(Allocator):
             if isinstance(k, int):
                 k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
             return tokens.replace(budget=k.unsqueeze(1))
-        dense = dense_parts(tokens, self.name)
+        dense = dense_parts(tokens, self.name, self.crop_rules)
         _, budget, _ = self._plan(tokens, dense)
-        return drop_padding(tokens).replace(budget=budget)
+        return drop_padding(tokens, self.crop_rules).replace(budget=budget)
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
         official = self.config.compat == "official"
@@ -207,7 +236,7 @@ class GlobalCom2(Allocator):
                                 stable=not official).replace(budget=None)
             return keep_top(tokens, s.to(torch.float64), k, order="score" if official else "original"
                             ).replace(budget=None)
-        dense = dense_parts(tokens, self.name)
+        dense = dense_parts(tokens, self.name, self.crop_rules)
         scores, budget, allowed = self._plan(tokens, dense)
         keep = top_cells(scores, allowed, budget)
         N = dense.h * dense.w

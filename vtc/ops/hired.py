@@ -29,7 +29,17 @@ token that survives the unpad is kept).
 - each crop ranks all N of its tokens, padding included; tokens that LLaVA-NeXT's unpad removes
   are then dropped, so the total can be below ``B_tot``;
 - no newline tokens (``newline_policy = "none"``); the thumbnail's kept tokens come first in
-  raster order, then the crops' in the raster order of the assembled crop grid.
+  raster order, then the crops' in the raster order of the assembled crop grid;
+- the crop grid is assembled as the fork's transformers (before 4.41) assembles it, an official bug:
+  it unpacks the ``(nH, nW)`` grid shape as ``(width, height)``, so the ``nH x nW`` crops (row-major)
+  are tiled on an ``nW x nH`` grid, which is then unpadded to the image's aspect ratio and emitted
+  row-major (:class:`~vtc.geometry.CropRules` ``transposed``). Square grids (2x2) are unaffected; on
+  a non-square grid the unpad cuts the wrong rows: a 336x672 image (1x2 crops, no padding) is
+  assembled as a 48x24 grid of which 12 rows survive, so at ``ratio=0.2`` about 217 tokens reach
+  the language model instead of 344 (172 of them the thumbnail's);
+- the unpad arithmetic is the fork's float32 (``unpad_rounding="float32"``: ``image_sizes`` is a
+  LongTensor there, so ``int(orig_h * W / orig_w)`` runs in float32; about 1 in 10^4 sizes keeps
+  another row or column than current transformers).
 
 ``compat="clean"``:
 
@@ -41,7 +51,15 @@ token that survives the unpad is kept).
 - ``spatial_k`` defaults to ``N // 2`` (288 for 576: the official value at ``alpha=0.5``), so
   ``alpha`` only sets the thumbnail share;
 - crops rank only the tokens that survive the unpad, so the whole budget reaches the LM;
-- standard LLaVA-NeXT newlines (``newline_policy = "rows"``: one after each unpadded row that holds tokens).
+- standard LLaVA-NeXT newlines (``newline_policy = "rows"``: one after each unpadded row that holds tokens);
+- the crop grid tiled and unpadded as current transformers does (``unpad_rounding="transformers"``).
+
+``unpad_rounding=`` (``"transformers"``, ``"float32"``, ``"float64"``; default: the mode's, as above)
+sets the unpad arithmetic alone. The operator declares its :attr:`crop_rules`; ``vtc.apply``
+unpads and assembles the image with the same rules (see :mod:`vtc.integrations.options`).
+
+An image so thin that the unpad leaves no crop row or column (a 400x4 photo) keeps only thumbnail
+tokens, as stock LLaVA-NeXT sends none of its crop tokens.
 
 Guards (both modes; the official code crashes, divides by zero or returns no token): when no
 spatial token is counted (``alpha=1`` or ``spatial_k=0``), ``B_sub`` is split equally (floored in
@@ -67,7 +85,7 @@ import torch
 from torch import Tensor
 
 from vtc.errors import BudgetError, ConfigError, LayoutError
-from vtc.geometry import drop_padding
+from vtc.geometry import UNPAD_ROUNDINGS, CropRules, drop_padding
 from vtc.ops.anyres import (
     DenseParts,
     at_least_one,
@@ -99,6 +117,7 @@ class HiredConfig(OpConfig):
     bottom_layer: Layer = "feature"
     spatial_k: int | None = None
     compat: Literal["official", "clean"] = "official"
+    unpad_rounding: Literal["transformers", "float32", "float64"] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,6 +135,8 @@ class HiredConfig(OpConfig):
             raise ConfigError(f"hired spatial_k= must be >= 0, got {self.spatial_k}")
         if self.compat not in ("official", "clean"):
             raise ConfigError(f"hired compat= must be 'official' or 'clean', got {self.compat!r}")
+        if self.unpad_rounding is not None and self.unpad_rounding not in UNPAD_ROUNDINGS:
+            raise ConfigError(f"hired unpad_rounding= must be one of {UNPAD_ROUNDINGS}, got {self.unpad_rounding!r}")
 
 
 @register("hired")
@@ -137,6 +158,13 @@ class HiRED(Allocator):
     def sees_padding(self) -> bool:
         """Official HiRED ranks every crop token, padding included; clean HiRED never keeps padding."""
         return self.config.compat == "official"
+
+    @property
+    def crop_rules(self) -> CropRules:
+        """Official: the fork's transposed tiling and float32 unpad; clean: transformers' (see the module docstring)."""
+        official = self.config.compat == "official"
+        rounding = self.config.unpad_rounding or ("float32" if official else "transformers")
+        return CropRules(rounding=rounding, transposed=official)
 
     # ------------------------------------------------------------------ budgets
     def _total(self, n: int) -> int:
@@ -209,10 +237,10 @@ class HiRED(Allocator):
                 k = torch.full((tokens.batch_size,), k, dtype=torch.long, device=tokens.device)
             return tokens.replace(budget=k.unsqueeze(1))
         self.check_signals(tokens)
-        dense = dense_parts(tokens, self.name)
+        dense = dense_parts(tokens, self.name, self.crop_rules)
         budget = self._budgets(tokens, dense)
         left = (dense.inside & dense.present).sum(2)
-        out = drop_padding(tokens)
+        out = drop_padding(tokens, self.crop_rules)
         return out.replace(budget=at_least_one(torch.minimum(budget, left)))
 
     def forward(self, tokens: VisualTokens) -> VisualTokens:
@@ -223,7 +251,7 @@ class HiRED(Allocator):
                 return tokens.replace(budget=None)
             return keep_top(tokens, scores, k).replace(budget=None)
         self.check_signals(tokens)
-        dense = dense_parts(tokens, self.name)
+        dense = dense_parts(tokens, self.name, self.crop_rules)
         budget = self._budgets(tokens, dense)
         c_bot = dense_signal(tokens, dense, "cls_attn", self.config.bottom_layer, self.name)
         if self.config.compat == "official":

@@ -74,6 +74,24 @@ class Encoded:
     tokens: VisualTokens
     stock: list[int]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: tokens each image kept, on the host (the wrapper sets it from the compaction's one sync)
+    kept: list[int] | None = None
+    _flat: Tensor | None = field(default=None, repr=False)
+
+    def features(self) -> Tensor:
+        """``[sum of kept, D]``: every image's kept tokens, image after image (what fills the
+        placeholders). No host sync once :attr:`kept` is known."""
+        if self._flat is None:
+            t = self.tokens
+            x = t.x.reshape(-1, t.x.shape[-1])
+            if t.mask is None:
+                self._flat = x
+            elif self.kept is None:
+                self._flat = t.x[t.mask]
+            else:  # valid tokens first, in order, without a data-dependent shape
+                order = torch.argsort((~t.mask).reshape(-1).to(torch.uint8), stable=True)
+                self._flat = x[order[:sum(self.kept)]]
+        return self._flat
 
 
 class ModelAdapter(ABC):
@@ -95,6 +113,8 @@ class ModelAdapter(ABC):
         self.pipeline: Pipeline | None = None
         self.options: ApplyOptions | None = None
         self.tap: Any = None
+        #: whether a call already validated the pipeline's input (later calls run fast)
+        self.validated = False
 
     # ------------------------------------------------------------------ which models
     @classmethod
@@ -259,6 +279,17 @@ class ModelAdapter(ABC):
                 f"'llm_layer'), which vtc.apply does not integrate on {type(self.model).__name__} yet; use operators "
                 "that run before the language model")
         self.pipeline, self.options = pipeline, options
+        self.validated = not pipeline.validate  # a Pipeline(validate=False) is never checked
+
+    def run_pipeline(self, tokens: VisualTokens, projector: Any, **kwargs: Any) -> VisualTokens:
+        """:func:`~vtc.integrations.stages.run_stages` with the validate-once rule: the first call of
+        this handle checks each stage's input once (and the operators' structure), later calls run
+        in fast mode, without any check or host sync of their own."""
+        from vtc.integrations.stages import run_stages
+
+        out = run_stages(self.pipeline, tokens, projector, fast=self.validated, **kwargs)
+        self.validated = True
+        return out
 
     def position_mode(self, options: ApplyOptions) -> str:
         return options.position_ids or self.default_position_ids
@@ -281,8 +312,7 @@ class ModelAdapter(ABC):
         compacted prompt ``ids``: here ``inputs_embeds`` with the kept visual tokens scattered into
         the placeholders, and no image inputs."""
         embeds = self.embeddings(ids)
-        tokens = encoded.tokens
-        feats = tokens.x[tokens.valid].to(embeds.device, embeds.dtype)
+        feats = encoded.features().to(embeds.device, embeds.dtype)
         slots = (ids == self.image_token_id).unsqueeze(-1).to(embeds.device)
         out: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds.masked_scatter(slots, feats),
                                "pixel_values": None}
@@ -296,7 +326,7 @@ class ModelAdapter(ABC):
 
     def report_features(self, output: Any, encoded: Encoded) -> None:
         """Report the visual features the language model received where stock reports its image features."""
-        feats = encoded.tokens.x[encoded.tokens.valid]
+        feats = encoded.features()
         fields = getattr(type(output), "__dataclass_fields__", {})
         if "image_hidden_states" in fields:  # transformers < 5.24
             output.image_hidden_states = feats
@@ -319,7 +349,8 @@ class ModelAdapter(ABC):
     def decode_state(self, kw: dict[str, Any], plan: Compaction, call: dict[str, Any], encoded: Encoded) -> DecodeState:
         """What decoding steps after this prefill need (kept per KV cache)."""
         return DecodeState(prompt_length=plan.keep.shape[1], compact_length=plan.length,
-                           prompt_mask=call.get("attention_mask"), dropped=plan.dropped, mode=self.mode)
+                           prompt_mask=call.get("attention_mask"), dropped=plan.dropped, mode=self.mode,
+                           dropped_any=plan.changed)
 
     def decode_positions(self, state: DecodeState, position_ids: Tensor | None, cache_len: int, q: int,
                          device: torch.device) -> Tensor | None:

@@ -22,7 +22,7 @@ from vtc.integrations import cls_token
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded, ModelAdapter
 from vtc.integrations.signals import open_tap, tokens_from
-from vtc.integrations.stages import replaces_projector, run_stages
+from vtc.integrations.stages import replaces_projector
 from vtc.integrations.towers import feature_tokens, hidden_states, prefix_tokens
 from vtc.tokens import Layout
 
@@ -97,5 +97,5 @@ class LlavaAdapter(ModelAdapter):
         tokens = tokens_from(feats, self.tap, self.requires, layout)
         if cls is not None:
             tokens = cls_token.insert(tokens, cls.unsqueeze(1))
-        out = run_stages(self.pipeline, tokens, self.projector, out_dim=self.text_width)
+        out = self.run_pipeline(tokens, self.projector, out_dim=self.text_width)
         return Encoded(out, [n] * feats.shape[0])

@@ -8,10 +8,12 @@ concatenated (``index = p*h*w + raster``, ``group = p``, ``Layout.for_anyres``;
 dropped before the first operator unless it asks to see them (``padding=`` option). After the
 operators the kept tokens are assembled into LLaVA-NeXT's sequence (base, unpadded crop grid,
 ``image_newline`` per row; :func:`vtc.integrations.anyres.assemble`), before the first llm-stage
-operator that works on the assembled sequence or at the end (``llm_view=``). An operator that keeps
-the tower's CLS token (VisionZip official) gets each partition's as the partition's first token
-(:mod:`vtc.integrations.cls_token`); the assembly puts the crops' CLS tokens after the crop grid.
-Geometry: :mod:`vtc.geometry`; options: :mod:`vtc.integrations.options`.
+operator that works on the assembled sequence or at the end (``llm_view=``). The unpad and the crop
+layout follow the crop rules the pipeline's operators declare (``unpad_rounding=``; see
+:mod:`vtc.integrations.options`). An operator that keeps the tower's CLS token (VisionZip official)
+gets each partition's as the partition's first token (:mod:`vtc.integrations.cls_token`); the
+assembly puts the crops' CLS tokens after the crop grid. Geometry: :mod:`vtc.geometry`; options:
+:mod:`vtc.integrations.options`.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ from typing import Any
 import torch
 
 from vtc.errors import InputError, UnsupportedModelError
-from vtc.geometry import Layout, drop_padding, stock_length
+from vtc.geometry import Layout, cached_table, stock_length, unpadded_positions
 from vtc.integrations import anyres, cls_token
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded
 from vtc.integrations.adapters.llava import LlavaAdapter
 from vtc.integrations.signals import tokens_from
-from vtc.integrations.stages import run_stages
-from vtc.tokens import VisualTokens
+from vtc.tokens import VisualTokens, inputs_checked
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -44,6 +45,7 @@ class LlavaNextAdapter(LlavaAdapter):
         self.newline_policy = options.newline_policy(pipeline)
         self.assemble_at = options.assembly_point(pipeline)
         self.drop_padding = options.drops_padding(pipeline, self.assemble_at)
+        self.rules = options.crop_rules(pipeline)
 
     def layouts(self, image_sizes: Any) -> tuple[list[tuple[int, int]], list[int], list[Layout]]:
         """``(sizes, partitions per image, layouts)`` of a batch's ``image_sizes`` (the processor's)."""
@@ -77,19 +79,24 @@ class LlavaNextAdapter(LlavaAdapter):
             flat = flat.replace(x=self.projector(flat.x))
             cls = None if cls is None else self.projector(cls)
         tokens = anyres.group_partitions(flat, parts, layouts)
-        if self.drop_padding:
-            tokens = drop_padding(tokens)
+        if self.drop_padding:  # what the unpad removes, by a table cached per batch of layouts
+            pos, valid, some = unpadded_positions(layouts, self.rules, tokens.device)
+            with inputs_checked():
+                tokens = tokens.gather(pos, valid, some_invalid=some)
         if cls is not None:  # [partition rows, D] -> [images, partitions, D]
-            start = torch.cumsum(torch.tensor([0, *parts[:-1]]), 0).unsqueeze(1)
-            rows = (start + torch.arange(max(parts))).clamp_max(len(cls) - 1).to(cls.device)
+            rows = cached_table(("partition-rows", tuple(parts)), cls.device, lambda: [
+                [min(sum(parts[:i]) + p, len(cls) - 1) for p in range(max(parts))] for i in range(len(parts))])
             tokens = cls_token.insert(tokens, cls[rows], parts)
         newline = self.inner.image_newline
 
-        def assemble(t: VisualTokens) -> VisualTokens:
-            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad)
+        exact = self.assemble_at < len(self.pipeline)  # operators follow: no padding unless needed
 
-        out = run_stages(self.pipeline, tokens, self.projector, projected=projected, out_dim=self.text_width,
-                         assemble=assemble, assemble_at=self.assemble_at)
+        def assemble(t: VisualTokens) -> VisualTokens:
+            return anyres.assemble(t, newline, self.newline_policy, self.options.unpad, self.rules, exact,
+                                   cls=self.cls_token)
+
+        out = self.run_pipeline(tokens, self.projector, projected=projected, out_dim=self.text_width,
+                                assemble=assemble, assemble_at=self.assemble_at)
         return Encoded(out, [stock_length(lay) for lay in layouts])
 
     def tower_grids(self, inputs: dict[str, Any]) -> list[list[tuple[int, int]]]:

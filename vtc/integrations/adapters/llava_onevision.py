@@ -42,7 +42,6 @@ from vtc.integrations.adapters.base import Encoded
 from vtc.integrations.adapters.llava import LlavaAdapter
 from vtc.integrations.anyres import partition_pixels
 from vtc.integrations.signals import tokens_from
-from vtc.integrations.stages import run_stages
 from vtc.tokens import VisualTokens
 
 __all__ = ["LlavaOnevisionAdapter"]
@@ -143,8 +142,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
             group=[(torch.arange(len(x), device=x.device) >= n).long() for x in xs],
             signals={k: {l: [s[k][l] for s in signals] for l in flat.signals[k]} for k in flat.signals} or None,
             layout=tuple(layouts), layer_space=flat.layer_space)
-        out = run_stages(self.pipeline, tokens, self.projector, projected=projected, out_dim=self.text_width,
-                         assemble=self.assemble, assemble_at=self.assemble_at)
+        out = self.run_pipeline(tokens, self.projector, projected=projected, out_dim=self.text_width,
+                                assemble=self.assemble, assemble_at=self.assemble_at)
         return Encoded(out, stock)
 
     def _pack_signal(self, t: Tensor, size: Tensor, aspect: str) -> Tensor:

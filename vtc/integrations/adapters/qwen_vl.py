@@ -37,7 +37,7 @@ from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded, ModelAdapter
 from vtc.integrations.compaction import Compaction, DecodeState
 from vtc.integrations.signals import CLS_SIGNALS, open_tap
-from vtc.integrations.stages import replaces_projector, run_stages
+from vtc.integrations.stages import replaces_projector
 from vtc.tokens import Layout, VisualTokens
 
 __all__ = ["QwenVLAdapter", "SIGNAL_FREE"]
@@ -212,7 +212,7 @@ class QwenVLAdapter(ModelAdapter):
                                         layer_space=None if self.tap is None else self.tap.layer_space)
         if tokens.dim != self.text_width:
             raise InputError(f"the merger gave {tokens.dim}-wide tokens; the language model takes {self.text_width}")
-        compressed = run_stages(self.pipeline, tokens, None, out_dim=self.text_width)
+        compressed = self.run_pipeline(tokens, None, out_dim=self.text_width)
         return Encoded(compressed, [h * w for h, w in grids], {"grids": grids, "output_type": type(out)})
 
     def language_inputs(self, kw: dict[str, Any], ids: Tensor, encoded: Encoded) -> dict[str, Any]:
