@@ -1,4 +1,4 @@
-# budget: 120
+# budget: 60
 """Per-cell peak memory on CUDA: the bench's CellMemory around each cell of a small run.
 
 Runs the embedded tiny-llava on its shapes test questions, uncompressed and with divprune at 64

@@ -1,4 +1,4 @@
-# budget: 300
+# budget: 150
 """GPU cost of the operators against a 7B-shaped LLaVA prefill (issue 15's P1 and P2 figures).
 
 On a LLaVA-1.5-7B-shaped model with random weights (CLIP-L/14-336 tower, 24 layers; a Vicuna-7B-wide
@@ -102,23 +102,39 @@ def lm_time(model, inputs, measure, keep_visual: int | None) -> tuple[float, int
         return measure(lambda: lm(inputs_embeds=emb, attention_mask=mask, use_cache=False)), ids.shape[1]
 
 
+def _bench_ops():
+    """eval/bench_ops.py, for its operator construction and signal builders (one definition of each)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench_ops.py"
+    mod_spec = importlib.util.spec_from_file_location("vtc_eval_bench_ops", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
 def op_times(args, device, dtype, measure, spec) -> dict:
+    """Every pre-LLM operator at keep=64 (GlobalCom2 at its default ratio), built and fed as
+    eval/bench_ops.py does: CLIP-L's layer space, random signals; in-LLM operators are skipped (they
+    run on a LayerContext inside the decoder; eval/gpu/llm_layer.py times them)."""
+    from vtc.registry import get_op
+
+    bo = _bench_ops()
     side = spec.image_size // spec.patch_size
     n = side * side
     out = {}
     g = torch.Generator(device="cpu").manual_seed(0)
     for name in vtc.list_ops():
-        if name == "mqt":
+        if name == "mqt" or getattr(get_op(name), "default_stage", None) == "llm_layer":
             continue
-        p = vtc.build(name if name == "globalcom2" else f"{name}:keep=64")
-        op = p[0]
-        dim = 4096 if (op.stage == "llm" and not args.smoke) else (1024 if not args.smoke else 64)
-        sig = {}
-        for s, layers in op.requires.items():
-            sig[s] = {l: (torch.randn(args.batch, n, generator=g).softmax(-1) if s == "cls_attn"
-                          else torch.randn(args.batch, n, generator=g)).to(device, dtype) for l in layers}
+        probe = bo.build_op(vtc, name, 64, 64)
+        dim = 4096 if (probe.stage == "llm" and not args.smoke) else (1024 if not args.smoke else 64)
+        op = bo.build_op(vtc, name, 64, dim)
+        p = vtc.Pipeline([op])
+        sig = {k: {l: v.to(device, dtype) for l, v in per.items()}
+               for k, per in bo.make_signals(op.requires, args.batch, n, g).items()}
         t = vtc.VisualTokens(x=torch.randn(args.batch, n, dim, generator=g).to(device, dtype), signals=sig,
-                             layout=vtc.Layout.grid(side))
+                             layout=vtc.Layout.grid(side), **bo._space())
         with torch.inference_mode():
             out[name] = {"config": str(p), "dim": dim, "ms": measure(lambda p=p, t=t: p(t, validate=False)),
                          "ms_validated": measure(lambda p=p, t=t: p(t))}

@@ -1,4 +1,4 @@
-# budget: 240
+# budget: 90
 """GPU check: vtc.apply on a Qwen2.5-VL-shaped random model in bf16 with SDPA.
 
 The model is a stock ``Qwen2_5_VLForConditionalGeneration`` with Qwen2.5-VL-7B's widths (tower
