@@ -105,3 +105,18 @@ class PerPartition:
             out = super().forward(tokens.replace(budget=self.partition_budget(tokens)))
             return out.replace(budget=None)
         return super().forward(tokens)
+
+
+class OfficialSpatialMerge:
+    """Mixin for a ViT-attention selector (VisionZip, HiPrune) whose official LLaVA-NeXT code merges the
+    crops with its own ``spatial`` merge: under ``compat="official"`` it emits no ``image_newline``
+    tokens and ranks every crop token, padding included (pass ``vtc.apply(..., unpad=False)`` for its
+    padded grid too); under ``compat="clean"`` LLaVA-NeXT's standard rows and unpadding apply."""
+
+    @property
+    def newline_policy(self) -> str | None:
+        return "none" if self.config.compat == "official" else None
+
+    @property
+    def sees_padding(self) -> bool:
+        return self.config.compat == "official"

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from vtc.errors import ConfigError
 from vtc.ops.base import SelectConfig, Selector
-from vtc.ops.budgets import PerPartition
+from vtc.ops.budgets import OfficialSpatialMerge, PerPartition
 from vtc.ops.selection import descending_order, mask_from_order
 from vtc.registry import register
 from vtc.taps.layers import Layer, check_layer, sorted_layers
@@ -68,20 +68,9 @@ class HiPruneConfig(SelectConfig):
 
 
 @register("hiprune")
-class HiPrune(PerPartition, Selector):
+class HiPrune(OfficialSpatialMerge, PerPartition, Selector):
     Config = HiPruneConfig
     default_stage = "vision"
-
-    @property
-    def newline_policy(self) -> str | None:
-        """LLaVA-NeXT: ``"none"`` under official compat (the official code's ``spatial`` merge has no newline
-        tokens; pass ``vtc.apply(..., unpad=False)`` for its padded grid too), else the standard rows."""
-        return "none" if self.config.compat == "official" else None
-
-    @property
-    def sees_padding(self) -> bool:
-        """Official: every crop token is ranked, padding included (no unpad in the official NeXT code)."""
-        return self.config.compat == "official"
 
     @property
     def requires(self) -> dict[str, list[int]]:
