@@ -219,7 +219,7 @@ def test_remove_restores_the_model(qwen_models, batches):
 
 def test_what_qwen_cannot_run_is_a_clear_error(qwen_models):
     model, _ = qwen_models["qwen2_vl"]
-    with pytest.raises(SignalError, match="CLS token.*divprune, tome, random, uniform, pool, m3"):
+    with pytest.raises(SignalError, match="CLS token.*divprune, tome, random, uniform, pool, m3.*hiprune, visionzip:signal=attn_received"):
         vtc.apply(model, "vtc-cls:keep=16,layers=[0,1]")
     with pytest.raises(ConfigError, match="original"):
         vtc.apply(model, "pool:keep=16", position_ids="contiguous")

@@ -21,10 +21,20 @@ from vtc.errors import SignalError
 from vtc.integrations.towers import prefix_tokens
 from vtc.tokens import Layout, VisualTokens
 
-__all__ = ["CLS_SIGNALS", "check_tower_signals", "open_tap", "tokens_from"]
+__all__ = ["CLS_FREE", "CLS_SIGNALS", "SIGNAL_FREE", "check_tower_signals", "cls_free_advice", "open_tap", "tokens_from"]
 
 #: signals that are rows of the CLS token's attention and so need a tower with a CLS token
 CLS_SIGNALS = ("cls_attn", "cls_logits")
+#: operators that read no tower signal (m3 only on square grids)
+SIGNAL_FREE = ("divprune", "tome", "random", "uniform", "pool", "m3")
+#: operators that score by a tower signal every tower gives, CLS or not (attention received, keys)
+CLS_FREE = ("hiprune", "visionzip:signal=attn_received", "aim_merge")
+
+
+def cls_free_advice() -> str:
+    """The operators to use instead on a tower without a CLS token (the end of every such error)."""
+    return (f"use operators that need no tower signal: {', '.join(SIGNAL_FREE)} (m3: square grids); or ones that "
+            f"score by a CLS-free signal (attention received, keys): {', '.join(CLS_FREE)}; or the in-LLM operators")
 
 
 def check_tower_signals(tower: nn.Module, requires: Mapping[str, Sequence[int]], who: str = "the pipeline",
@@ -38,8 +48,8 @@ def check_tower_signals(tower: nn.Module, requires: Mapping[str, Sequence[int]],
     if cls_needed and (prefix_tokens(tower) if prefix is None else prefix) == 0:
         raise SignalError(
             f"{who} reads {', '.join(cls_needed)} (the CLS token's attention), but the vision tower "
-            f"{type(tower).__name__} has no CLS token (SigLIP-style towers pool without one). Use operators "
-            "that need no CLS signal on this model (divprune, tome, pool, m3, random, uniform), or a CLIP tower."
+            f"{type(tower).__name__} has no CLS token (SigLIP-style towers pool without one). On this model "
+            f"{cls_free_advice()}."
         )
 
 

@@ -36,16 +36,12 @@ from vtc.errors import ConfigError, InputError, SignalError
 from vtc.integrations.adapters import register_adapter
 from vtc.integrations.adapters.base import Encoded, ModelAdapter
 from vtc.integrations.compaction import Compaction, DecodeState
-from vtc.integrations.signals import CLS_SIGNALS, open_tap
+from vtc.integrations.signals import CLS_SIGNALS, SIGNAL_FREE, cls_free_advice, open_tap
 from vtc.integrations.stages import replaces_projector
 from vtc.tokens import Layout, VisualTokens
 
-__all__ = ["QwenVLAdapter", "SIGNAL_FREE"]
+__all__ = ["QwenVLAdapter"]
 
-#: the operators that work on Qwen VL's merged grid without tower signals
-SIGNAL_FREE = ("divprune", "tome", "random", "uniform", "pool", "m3")
-#: operators that score by a CLS-free tower signal, which Qwen VL's tower gives
-CLS_FREE = ("hiprune", "visionzip:signal=attn_received")
 DEEPSTACK = "deepstack"
 #: how a per-patch signal becomes a merged token's (attention received is additive mass)
 _MERGED_REDUCE = {"attn_received": "sum"}
@@ -165,9 +161,8 @@ class QwenVLAdapter(ModelAdapter):
             readers = [op.name for op in pipeline if set(op.requires) & set(cls_needed)]
             raise SignalError(
                 f"{', '.join(readers)} read{'s' if len(readers) == 1 else ''} {', '.join(cls_needed)}, the CLS token's "
-                f"attention, but {name}'s vision tower has no CLS token. On Qwen VL models use operators that need no "
-                f"tower signal, which run on the merged grid: {', '.join(SIGNAL_FREE)} (m3: square grids); or ones "
-                f"that score by a CLS-free signal (attn_received, key_norms): {', '.join(CLS_FREE)}")
+                f"attention, but {name}'s vision tower has no CLS token. On Qwen VL models (operators run on the merged "
+                f"grid) {cls_free_advice()}")
         self.tap = open_tap(self.vision_tower, self.requires, who=f"the pipeline {pipeline}", prefix=0)
         if self.tap is not None:
             handle.on_remove(self.tap.remove)
