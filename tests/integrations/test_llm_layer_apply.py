@@ -120,8 +120,7 @@ def test_kept_tokens_equal_a_full_eager_attention_reference(models, photos, qwen
     batch, alone = _inputs(kind, proc, qwen_images, 2, photos)
     spec, schedule, policy = _rules(method, 4, None)
     if kind.startswith("qwen") and policy == "contiguous":
-        spec += ",position_ids=original"
-        policy = "original"
+        policy = "original"  # not told one, SparseVLM takes M-RoPE's only mode (see the test below)
     with vtc.apply(model, spec) as h:
         out = model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
@@ -287,7 +286,7 @@ def test_a_learned_router_runs_like_any_in_llm_operator(models, photos):
 def test_refusals_and_removal(models, photos, qwen_images):
     model, proc = models["qwen2_5_vl"]
     with pytest.raises(ConfigError, match="position_ids='original'"):
-        vtc.apply(model, "sparsevlm:layers=[0,1,2]")
+        vtc.apply(model, "sparsevlm:layers=[0,1,2],position_ids=contiguous")
     with pytest.raises(ConfigError, match="does not exist"):
         vtc.apply(model, "pdrop:layers=[1,2,9],ratios=[0.5,0.3,0.1]")
     llava, proc = models["llava"]
@@ -335,3 +334,23 @@ def test_llava_onevision_batch_cache_and_no_op(photos):
     model, proc = random_llava_onevision(text_layers=4, patch_size=8)
     batch, alone = _inputs("llava_onevision", proc, None, 2, photos)
     _no_op_batch_and_cache(model, batch, alone, "pdrop", lambda c: [c, c, c // 2, c // 4])
+
+
+@torch.no_grad()
+def test_sparsevlm_on_qwen_keeps_original_ids_unless_told_to_renumber(models, qwen_images):
+    """SparseVLM's official renumbering is undefined for M-RoPE's 3-D ids: by default it runs with the
+    original ids on Qwen (the same picks as asking for them), and asking for renumbering is refused."""
+    model, proc = models["qwen2_5_vl"]
+    batch, _ = _inputs("qwen2_5_vl", proc, qwen_images, 2, None)
+    spec = "sparsevlm:layers=[0,1,2],counts=[40,20,9]"
+    runs = []
+    for s in (spec, spec + ",position_ids=original"):
+        with vtc.apply(model, s) as h:
+            out = model.generate(**batch, max_new_tokens=1, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+            kept = {layer: [k.tolist() for k in rows] for layer, rows in h.last.extra["layer_kept"].items()}
+            runs.append((out.logits[0], kept))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    with pytest.raises(ConfigError, match="position_ids='original'"):
+        with vtc.apply(model, spec + ",position_ids=contiguous"):
+            model(**batch)

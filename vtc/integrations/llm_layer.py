@@ -253,12 +253,20 @@ class LayerStage:
         self.num_layers = adapter.num_layers
         self.schedule = pipeline.layer_schedule(self.num_layers)
         self.ops = pipeline.stage_ops("llm_layer")
+        #: each operator's position-id policy here: its own, or, when the operator was not told one and
+        #: its method's default is undefined for this model (SparseVLM's renumbering under M-RoPE), the
+        #: model's first mode; asking explicitly for an unsupported one is an error
+        self.position_policy: dict[int, str] = {}
         for op in self.ops:
-            if op.position_ids not in adapter.position_modes:
-                raise ConfigError(
-                    f"operator {op.name!r} renumbers positions ({op.position_ids!r}) after it drops tokens, which "
-                    f"{type(adapter.model).__name__} does not support (position ids: {adapter.position_modes}); "
-                    f"configure it with position_ids={adapter.position_modes[0]!r}")
+            policy = op.position_ids
+            if policy not in adapter.position_modes:
+                if op.config.position_ids is not None:
+                    raise ConfigError(
+                        f"operator {op.name!r} renumbers positions ({policy!r}) after it drops tokens, which "
+                        f"{type(adapter.model).__name__} does not support (position ids: {adapter.position_modes}); "
+                        f"configure it with position_ids={adapter.position_modes[0]!r}")
+                policy = adapter.position_modes[0]
+            self.position_policy[id(op)] = policy
         self.config = adapter.language_model.config
         from transformers import masking_utils
 
@@ -496,7 +504,8 @@ class LayerStage:
             adds = update is not None and update.add is not None and bool((update.added > 0).any())
             if bool(keep.all()) and not adds:
                 continue
-            seg, out_hidden, local = self._apply(seg, out_hidden, keep, update if adds else None, op.position_ids)
+            seg, out_hidden, local = self._apply(seg, out_hidden, keep, update if adds else None,
+                                                   self.position_policy[id(op)])
             if q is not None:
                 if adds:
                     q = k = None

@@ -25,7 +25,9 @@ Defaults: ``layers=[2, 6, 15]`` (0-based, after running the layer; 32-layer mode
 576 input tokens: 192 -> [300, 200, 110], 128 -> [303, 110, 36], 96 -> [238, 48, 26],
 64 -> [66, 30, 17]; for another input count ``n_in`` they scale as ``count * n_in // 576``.
 ``counts=[...]`` gives absolute counts instead. Position ids: ``"contiguous"`` (v1 truncates
-``position_ids`` to the new length; the recycled tokens take the next ids).
+``position_ids`` to the new length; the recycled tokens take the next ids). On a model whose ids cannot be
+renumbered (Qwen VL's 3-D M-RoPE ids) the integration keeps the original ids instead, unless
+``position_ids="contiguous"`` is asked for explicitly, which is then refused.
 
 Official quirks and differences: the official DPC-kNN (from the token-clustering code it reuses)
 may add tiny random noise to the densities to break ties; vtc breaks ties by order (the recycled
