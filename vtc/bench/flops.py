@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vtc.errors import ConfigError
+from vtc.taps.tap import CLS_SIGNALS
 
 __all__ = ["VisionShape", "LMShape", "ModelShape", "vision_shape", "lm_shape", "vision_flops", "projector_flops",
            "prefill_flops", "decode_flops", "fastv_compat", "kv_cache_bytes", "op_flops", "pipeline_flops", "tap_flops",
@@ -385,8 +386,6 @@ def op_flops(op: Any, n_in: int, dim: int, partitions: int = 1) -> tuple[int, in
     return int(f), int(n_out), True
 
 
-_CLS = ("cls_attn", "cls_logits")
-
 
 def tap_flops(v: VisionShape, requires: Mapping[str, Sequence[Any]], passes: int = 1,
               grids: list[tuple[int, int]] | None = None) -> int:
@@ -415,7 +414,7 @@ def tap_flops(v: VisionShape, requires: Mapping[str, Sequence[Any]], passes: int
         return 0
     from vtc.taps.layers import LayerSpace
 
-    if (v.heads <= 0 or v.hidden % v.heads) and any(sig in requires for sig in (*_CLS, "keys")):
+    if (v.heads <= 0 or v.hidden % v.heads) and any(sig in requires for sig in (*CLS_SIGNALS, "keys")):
         raise ConfigError(f"the taps' FLOPs of {sorted(requires)} need the tower's attention heads: "
                           "give VisionShape(heads=...)")
     space = LayerSpace(v.layers, v.feature_layer)
@@ -430,7 +429,7 @@ def tap_flops(v: VisionShape, requires: Mapping[str, Sequence[Any]], passes: int
         n = h * w + prefix
         full, windows = _attention_blocks(v, h, w)
         for l, want in layers.items():
-            if want & set(_CLS):
+            if want & CLS_SIGNALS:
                 total += 2 * n * D * H + (4 * D * D + 2 * D if v.fused_qkv else 0)
             if "attn_received" in want:
                 total += 2 * D * (full if not v.window or l in v.full_attention_layers else windows)

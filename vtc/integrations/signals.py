@@ -19,12 +19,11 @@ from torch import Tensor, nn
 
 from vtc.errors import SignalError
 from vtc.integrations.towers import prefix_tokens
+from vtc.taps.tap import CLS_SIGNALS  # the signals that need a tower with a CLS token
 from vtc.tokens import Layout, VisualTokens
 
 __all__ = ["CLS_FREE", "CLS_SIGNALS", "SIGNAL_FREE", "check_tower_signals", "cls_free_advice", "open_tap", "tokens_from"]
 
-#: signals that are rows of the CLS token's attention and so need a tower with a CLS token
-CLS_SIGNALS = ("cls_attn", "cls_logits")
 #: operators that read no tower signal (m3 only on square grids)
 SIGNAL_FREE = ("divprune", "tome", "random", "uniform", "pool", "m3")
 #: operators that score by a tower signal every tower gives, CLS or not (attention received, keys)
