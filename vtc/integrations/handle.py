@@ -32,6 +32,14 @@ __all__ = ["Handle", "Compressed", "handle_of"]
 
 _MISSING = object()
 
+
+def _restore_attr(obj: Any, name: str, value: Any) -> None:
+    """Set ``obj.name = value`` on the instance, or remove the instance attribute if ``value`` is ``_MISSING``."""
+    if value is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = value
+
 #: the hook tables of a ``torch.nn.Module`` (what a tap or the in-LLM stage registers into)
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
@@ -97,13 +105,8 @@ class Handle:
         """Set ``obj.name = value`` on the instance; :meth:`remove` puts back what was there."""
         before = obj.__dict__.get(name, _MISSING)
 
-        def undo() -> None:
-            if before is _MISSING:
-                obj.__dict__.pop(name, None)
-            else:
-                obj.__dict__[name] = before
         obj.__dict__[name] = value
-        self._undo.append(undo)
+        self._undo.append(lambda: _restore_attr(obj, name, before))
         self._attrs.append((obj, name, before))
 
     def on_remove(self, fn: Callable[[], None]) -> None:
@@ -144,20 +147,14 @@ class Handle:
         ours = {(id(m), t, k) for m, t, k in self._hooks}
         try:
             for obj, name, _, before in saved_attrs.values():
-                if before is _MISSING:
-                    obj.__dict__.pop(name, None)
-                else:
-                    obj.__dict__[name] = before
+                _restore_attr(obj, name, before)
             for key, (m, t) in tables.items():
                 for k in [k for k in m.__dict__[t] if (key[0], t, k) in ours]:
                     del m.__dict__[t][k]
             yield
         finally:
             for obj, name, now, _ in saved_attrs.values():
-                if now is _MISSING:
-                    obj.__dict__.pop(name, None)
-                else:
-                    obj.__dict__[name] = now
+                _restore_attr(obj, name, now)
             for key, (m, t) in tables.items():
                 d = m.__dict__[t]
                 d.clear()
